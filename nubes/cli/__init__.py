@@ -1,0 +1,1 @@
+"""The `nubes` command line: one Typer app, one module per resource group."""

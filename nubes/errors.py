@@ -1,0 +1,119 @@
+"""The nubes exception family: one root, `NubesError`, and the errors users can cause.
+
+Every error carries a stable machine-readable `code` (API error bodies and
+`-o json` output use it), an HTTP status for the API, and a message that says
+what was wrong and what to do. Bugs are not NubesErrors: they raise as usual.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class NubesError(Exception):
+    """Root of every error nubes reports to a user.
+
+    `message` says what went wrong; `hint` says what to do about it.
+    """
+
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+    def to_dict(self) -> dict[str, str]:
+        """The error as the JSON body the API and `-o json` return."""
+        body = {"code": self.code, "message": self.message}
+        if self.hint:
+            body["hint"] = self.hint
+        return body
+
+
+class ConfigError(NubesError):
+    """The configuration file or an environment override is invalid."""
+
+    code = "config_invalid"
+    exit_code = 2
+
+
+class InvalidInput(NubesError):
+    """A request or argument is malformed."""
+
+    code = "invalid_input"
+    http_status = 400
+    exit_code = 2
+
+
+class InvalidId(InvalidInput):
+    """A resource id does not have the form `<prefix>-` + 10 lowercase alphanumerics."""
+
+    code = "invalid_id"
+
+
+class NotFound(NubesError):
+    """The resource does not exist (or belongs to another project)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(NubesError):
+    """The request conflicts with the current state of a resource."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class StoreError(NubesError):
+    """Root of the errors raised by the store."""
+
+    code = "store_error"
+    http_status = 503
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or did not answer in time."""
+
+    code = "store_unavailable"
+
+
+class CompactedError(StoreError):
+    """A watch asked for a revision the store has already compacted away.
+
+    The watcher must list the current state again and watch from there.
+    """
+
+    code = "store_compacted"
+    http_status = 410
+
+    def __init__(self, requested_revision: int, compact_revision: int) -> None:
+        super().__init__(
+            f"revision {requested_revision} has been compacted "
+            f"(the oldest revision kept is {compact_revision})",
+            hint="list the current state again and watch from its revision",
+        )
+        self.requested_revision = requested_revision
+        self.compact_revision = compact_revision
+
+
+class LeaseNotFound(StoreError):
+    """A lease id is unknown: never granted, revoked, or expired."""
+
+    code = "lease_not_found"
+    http_status = 404
+
+    def __init__(self, lease_id: int) -> None:
+        super().__init__(
+            f"lease {lease_id} does not exist or has expired",
+            hint="grant a new lease and attach the keys to it again",
+        )
+        self.lease_id = lease_id
