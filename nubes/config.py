@@ -1,0 +1,191 @@
+"""nubes settings: a TOML file, overridden by environment variables, validated by pydantic.
+
+The file is `$NUBES_CONFIG` when set, else `/etc/nubes/nubes.toml` when it exists,
+else built-in defaults. `NUBES_<SECTION>__<KEY>=value` overrides one setting,
+for example `NUBES_STORE__ENGINE=etcd` or
+`NUBES_STORE__ENDPOINTS=127.0.0.1:2379,127.0.0.1:22379` (lists are comma-separated).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from nubes.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/nubes/nubes.toml")
+CONFIG_PATH_VARIABLE = "NUBES_CONFIG"
+ENV_PREFIX = "NUBES_"
+ENV_SECTION_SEPARATOR = "__"
+
+
+def _comma_separated(value: object) -> object:
+    """Lists may be written as one comma-separated string (the form environment variables take)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreEngine(StrEnum):
+    SQLITE = "sqlite"
+    ETCD = "etcd"
+
+
+class StoreConfig(_Section):
+    """Where nubes keeps its state: the embedded SQLite file, or an etcd cluster."""
+
+    engine: StoreEngine = StoreEngine.SQLITE
+    path: Path | None = Field(
+        default=None,
+        description="SQLite database file; defaults to <state_dir>/nubes.db",
+    )
+    endpoints: Annotated[list[str], BeforeValidator(_comma_separated)] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"],
+        min_length=1,
+        description="etcd client endpoints as host:port (an http:// prefix is accepted)",
+    )
+    timeout: float = Field(
+        default=10.0, gt=0, le=300, description="seconds to wait for the store before giving up"
+    )
+    history_revisions: int = Field(
+        default=100_000,
+        ge=1_000,
+        description="SQLite: revisions of history kept for watches before compaction",
+    )
+
+
+class NubesConfig(_Section):
+    """All nubes settings."""
+
+    state_dir: Path = Path("/var/lib/nubes")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite database file this configuration names."""
+        return self.store.path or self.state_dir / "nubes.db"
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NubesConfig:
+    """Read the settings file and the environment overrides.
+
+    Raises:
+        ConfigError: the file is missing (when named explicitly), unreadable,
+            not TOML, or a setting is unknown or invalid. The message names the
+            setting, where it came from, and what is expected.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or CONFIG_PATH_VARIABLE in environ
+    if path is None:
+        path = Path(environ.get(CONFIG_PATH_VARIABLE, DEFAULT_CONFIG_PATH))
+
+    document: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    if path.exists() or explicit:
+        document = _read_toml(path)
+        sources.update({loc: str(path) for loc in _leaf_paths(document)})
+    for loc, value, variable in _environment_overrides(environ):
+        _set_nested(document, loc, value)
+        sources[loc] = f"environment variable {variable}"
+
+    try:
+        return NubesConfig.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, sources, path)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {path} does not exist",
+            hint=f"create it, or unset {CONFIG_PATH_VARIABLE} to use the defaults",
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {error}") from None
+
+
+def _environment_overrides(
+    environ: Mapping[str, str],
+) -> list[tuple[tuple[str, ...], str, str]]:
+    """(setting path, value, variable name) for every NUBES_* variable that names a setting."""
+    overrides = []
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or variable == CONFIG_PATH_VARIABLE:
+            continue
+        name = variable.removeprefix(ENV_PREFIX).lower()
+        loc = tuple(name.split(ENV_SECTION_SEPARATOR))
+        if loc[0] not in NubesConfig.model_fields:
+            continue  # NUBES_* variables of other tools (tests, benchmarks) are not settings
+        overrides.append((loc, value, variable))
+    return overrides
+
+
+def _set_nested(document: dict[str, Any], loc: tuple[str, ...], value: str) -> None:
+    node = document
+    for part in loc[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[loc[-1]] = value
+
+
+def _leaf_paths(document: Mapping[str, Any], parent: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for key, value in document.items():
+        if isinstance(value, Mapping):
+            paths.extend(_leaf_paths(value, (*parent, key)))
+        else:
+            paths.append((*parent, key))
+    return paths
+
+
+def _describe(error: ValidationError, sources: dict[tuple[str, ...], str], path: Path) -> str:
+    lines = ["invalid configuration:"]
+    for problem in error.errors():
+        loc = tuple(str(part) for part in problem["loc"])
+        setting = ".".join(loc)
+        source = _source_of(loc, sources) or f"defaults (no setting in {path})"
+        if problem["type"] == "extra_forbidden":
+            known = _known_settings(loc[:-1])
+            lines.append(
+                f"  {setting}: unknown setting (from {source}); "
+                f"known settings here: {', '.join(known)}"
+            )
+            continue
+        given = problem.get("input")
+        shown = f" (got {given!r})" if not isinstance(given, dict) else ""
+        lines.append(f"  {setting}: {problem['msg']}{shown} (from {source})")
+    return "\n".join(lines)
+
+
+def _source_of(loc: tuple[str, ...], sources: dict[tuple[str, ...], str]) -> str | None:
+    for length in range(len(loc), 0, -1):
+        if loc[:length] in sources:
+            return sources[loc[:length]]
+    return None
+
+
+def _known_settings(section: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = NubesConfig
+    for part in section:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
