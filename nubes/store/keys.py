@@ -1,0 +1,57 @@
+"""The key layout of the store: the one place that knows where each record lives.
+
+/nubes/<kind>/<id>            spec and metadata of a resource
+/nubes/<kind>/<id>/status     observed status, written by its owner only
+/nubes/hosts/<name>/alive     lease-bound heartbeat of a host's agent
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+ROOT = "/nubes/"
+
+
+class Kind(StrEnum):
+    """Kinds of record; the value is the path segment under ROOT."""
+
+    PROJECT = "projects"
+    USER = "users"
+    TOKEN = "tokens"  # noqa: S105 - a key path segment, not a secret
+    FLAVOR = "flavors"
+    KEYPAIR = "keypairs"
+    IMAGE = "images"
+    NETWORK = "networks"
+    SUBNET = "subnets"
+    PORT = "ports"
+    SECURITY_GROUP = "security-groups"
+    FLOATING_IP = "floating-ips"
+    VOLUME = "volumes"
+    VM = "vms"
+    HOST = "hosts"
+
+
+def kind_prefix(kind: Kind) -> str:
+    """The prefix of every key of `kind`, for range and watch."""
+    return f"{ROOT}{kind.value}/"
+
+
+def resource_key(kind: Kind, name: str) -> str:
+    """The key of a resource's spec record."""
+    _check_name(name)
+    return f"{ROOT}{kind.value}/{name}"
+
+
+def status_key(kind: Kind, name: str) -> str:
+    """The key of a resource's observed status."""
+    return f"{resource_key(kind, name)}/status"
+
+
+def host_alive_key(host: str) -> str:
+    """The lease-bound key whose presence says a host's agent is alive."""
+    return f"{resource_key(Kind.HOST, host)}/alive"
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or not name.isascii() or not name.isprintable():
+        raise ValueError(f"a record name is printable ASCII without '/', got {name!r}")
