@@ -287,8 +287,10 @@ class Store(abc.ABC):
     ) -> TxnResult:
         """Atomically: when every compare holds run `on_success`, else `on_failure`.
 
-        Each branch holds at most MAX_TXN_OPERATIONS operations (ValueError beyond). A transaction that writes nothing does not advance the revision; one
-        that writes advances it by exactly one, whatever the number of writes.
+        Each branch holds at most MAX_TXN_OPERATIONS operations (ValueError
+        beyond). A transaction that writes nothing does not advance the
+        revision; one that writes advances it by exactly one, whatever the
+        number of writes.
 
         Raises:
             LeaseNotFound: a Put names a lease that does not exist.

@@ -39,7 +39,6 @@ class ChangeBell:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sender.setblocking(False)
         self._peers: list[str] = []
@@ -74,6 +73,7 @@ class ChangeBell:
         """Call `on_ring` (on the running loop) whenever another process rings."""
         if self._listener is not None:
             return
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.setblocking(False)
         path = str(self._directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock")
@@ -112,8 +112,8 @@ class ChangeBell:
         try:
             changed_at = os.stat(self._directory).st_mtime_ns
         except FileNotFoundError:
-            self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            changed_at = os.stat(self._directory).st_mtime_ns
+            self._peers, self._peers_seen_at = [], None  # nobody has ever listened
+            return
         if changed_at == self._peers_seen_at and now - self._peers_listed_at < 1.0:
             return
         self._peers = [

@@ -119,9 +119,18 @@ async def test_a_bell_rung_in_one_place_is_heard_in_another(tmp_path: Path) -> N
     assert list(directory.iterdir()) == [], "a closed listener removes its socket"
 
 
+def test_ringing_before_anyone_listened_creates_nothing(tmp_path: Path) -> None:
+    directory = bell_directory(tmp_path / "nubes.db")
+    ringer = ChangeBell(directory)
+    ringer.ring()
+    ringer.close()
+    assert not directory.exists()
+
+
 async def test_a_bell_left_by_a_dead_process_is_cleaned_up(tmp_path: Path) -> None:
     directory = bell_directory(tmp_path / "nubes.db")
     ringer = ChangeBell(directory)
+    directory.mkdir()
     stale = directory / "99999999-deadbeef.sock"
     orphan = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     orphan.bind(str(stale))
