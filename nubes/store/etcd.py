@@ -403,7 +403,10 @@ class _EtcdWatch(Watch):
                 if self._closed:
                     raise StopAsyncIteration from None
                 if error.code() in _TRANSIENT or error.code() is grpc.StatusCode.CANCELLED:
-                    self._call = None  # reopen from the next unseen revision
+                    # Reopen from the next unseen revision, after a pause so that a
+                    # stream that keeps breaking as it opens does not spin.
+                    self._call = None
+                    await asyncio.sleep(random.uniform(0.02, 0.1))  # noqa: S311 - jitter
                     continue
                 raise self._store._translate(error) from None
             if response is grpc.aio.EOF:

@@ -109,6 +109,15 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in str(error) or "busy" in str(error)
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    # The store holds user-data and token hashes: readable by its owner only.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        path.touch(mode=0o600)
+    # timeout=0: a busy database raises at once and is retried without blocking the loop.
+    return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+
+
 class _WriteTransaction:
     """The operations of one write transaction; every change it makes shares one revision."""
 
@@ -204,18 +213,21 @@ class SqliteStore(Store):
         """
         store = cls(path, timeout=timeout, history_revisions=history_revisions)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # timeout=0: a busy database raises at once and is retried without blocking the loop.
-            connection = sqlite3.connect(
-                path, timeout=0, isolation_level=None, check_same_thread=False
-            )
+            connection = _connect(path)
         except (OSError, sqlite3.Error) as error:
             raise StoreUnavailable(
                 f"cannot open the SQLite store at {path}: {error}",
                 hint="check that the directory exists and is writable (store.path in nubes.toml)",
             ) from None
         store._connection = connection
-        await store._retry_busy(store._initialise)
+        try:
+            await store._retry_busy(store._initialise)
+        except StoreUnavailable as error:
+            await store.close()
+            raise StoreUnavailable(
+                f"cannot use {path} as the SQLite store: {error.message}",
+                hint="store.path must name a nubes database, or a file that does not exist yet",
+            ) from None
         store._bell = ChangeBell(bell_directory(path))
         store._tasks = [
             asyncio.create_task(store._housekeeping(), name="nubes-sqlite-housekeeping"),
@@ -251,8 +263,8 @@ class SqliteStore(Store):
         while True:
             try:
                 return work()
-            except sqlite3.OperationalError as error:
-                if not _is_busy(error):
+            except sqlite3.DatabaseError as error:
+                if not (isinstance(error, sqlite3.OperationalError) and _is_busy(error)):
                     raise StoreUnavailable(f"SQLite store error: {error}") from error
                 if time.monotonic() > deadline:
                     raise StoreUnavailable(

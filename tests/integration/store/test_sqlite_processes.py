@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nubes.errors import StoreUnavailable
 from nubes.store import EventType
 from nubes.store.sqlite import SqliteStore
 
@@ -80,3 +81,28 @@ async def test_a_lease_left_by_a_dead_process_expires_in_a_surviving_one(tmp_pat
         async with store.watch("/hosts/") as events:
             event = await asyncio.wait_for(anext(events), 10)
     assert (event.type, event.key) == (EventType.DELETE, "/hosts/h1/alive")
+
+
+async def test_the_database_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    database = tmp_path / "state" / "nubes.db"
+    async with await SqliteStore.open(database) as store:
+        await store.put("/k", 1)
+    assert database.stat().st_mode & 0o777 == 0o600
+    assert database.parent.stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, but long enough to have a header " * 20)
+    with pytest.raises(StoreUnavailable) as raised:
+        await SqliteStore.open(notes)
+    assert str(notes) in str(raised.value)
+    assert "not a database" in str(raised.value)
+    assert raised.value.code == "store_unavailable"
+
+
+async def test_a_path_that_cannot_be_created_is_refused_clearly(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreUnavailable, match="cannot open the SQLite store"):
+        await SqliteStore.open(blocker / "nubes.db")
