@@ -219,22 +219,8 @@ class Lease:
     ttl: int
 
 
-class Watch(abc.ABC):
-    """A stream of changes under a prefix, from a revision on: an async iterator.
-
-    Use it as `async with store.watch(prefix) as events: async for event in events: ...`
-    so the stream is closed when the block ends.
-
-    Iteration raises CompactedError when the start revision has been compacted
-    away, and StoreUnavailable when the store cannot be reached for longer than
-    the configured timeout.
-    """
-
-    def __aiter__(self) -> AsyncIterator[WatchEvent]:
-        return self
-
-    @abc.abstractmethod
-    async def __anext__(self) -> WatchEvent: ...
+class _Closing(abc.ABC):
+    """Something to close after use: `async with` closes it when the block ends."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -251,7 +237,25 @@ class Watch(abc.ABC):
         await self.close()
 
 
-class Store(abc.ABC):
+class Watch(_Closing):
+    """A stream of changes under a prefix, from a revision on: an async iterator.
+
+    Use it as `async with store.watch(prefix) as events: async for event in events: ...`
+    so the stream is closed when the block ends.
+
+    Iteration raises CompactedError when the start revision has been compacted
+    away, and StoreUnavailable when the store cannot be reached for longer than
+    the configured timeout.
+    """
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        return self
+
+    @abc.abstractmethod
+    async def __anext__(self) -> WatchEvent: ...
+
+
+class Store(_Closing):
     """A key-value store with etcd semantics. See the module docstring.
 
     Every method may raise StoreUnavailable when the store cannot be reached
@@ -338,14 +342,3 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections and background tasks; open watches end."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
