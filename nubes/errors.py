@@ -7,6 +7,7 @@ what was wrong and what to do. Bugs are not NubesErrors: they raise as usual.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 
@@ -71,6 +72,32 @@ class Conflict(NubesError):
 
     code = "conflict"
     http_status = 409
+
+
+class CommandFailed(NubesError):
+    """A host tool nubes ran exited with an error."""
+
+    code = "command_failed"
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        shown = " ".join(argv[:3]) + (" ..." if len(argv) > 3 else "")
+        super().__init__(f"{shown} exited {returncode}: {stderr or '(no error output)'}")
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class ToolMissing(NubesError):
+    """A host tool nubes needs is not installed."""
+
+    code = "tool_missing"
+
+    def __init__(self, tool: str) -> None:
+        super().__init__(
+            f"{tool} is not installed",
+            hint="run scripts/setup, which installs everything nubes needs",
+        )
+        self.tool = tool
 
 
 class StoreError(NubesError):
