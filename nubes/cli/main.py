@@ -7,6 +7,7 @@ import sys
 import typer
 
 from nubes import __version__
+from nubes.cli import image
 from nubes.errors import NubesError
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(image.app)
 
 
 def _print_version(value: bool) -> None:
