@@ -33,7 +33,8 @@ LIBRARY_DIRECTORIES = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
 DYNAMIC_LOADER = "ld-linux-x86-64.so.2"
 
 # Loaded by the initrd, dependencies first: disks and NICs (virtio PCI), a virtio-scsi
-# CD-ROM, the filesystems a NoCloud seed may use, and virtio-rng for entropy.
+# CD-ROM, the filesystems a NoCloud seed may use, virtio-rng for entropy, and the ACPI
+# power button with the event device acpid reads it from (both modules in Debian's kernel).
 INITRD_MODULES = (
     "virtio_pci",
     "virtio_blk",
@@ -46,6 +47,8 @@ INITRD_MODULES = (
     "nls_cp437",
     "nls_ascii",
     "nls_utf8",
+    "button",
+    "evdev",
 )
 
 # Busybox applets the initrd's /init uses; each becomes a symlink to the static busybox.

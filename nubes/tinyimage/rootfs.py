@@ -21,6 +21,8 @@ LIBRARY_DIRECTORY = "lib/x86_64-linux-gnu"
 GUEST_FILE_MODES = {
     "usr/lib/nubes/boot": 0o755,
     "usr/lib/nubes/udhcpc-event": 0o755,
+    "usr/lib/nubes/shutdown": 0o755,
+    "etc/acpi/power-button": 0o755,
     "etc/shadow": 0o600,
 }
 
@@ -28,6 +30,7 @@ _DIRECTORIES = {
     "bin": 0o755,
     "dev": 0o755,
     "etc": 0o755,
+    "etc/acpi": 0o755,
     "etc/dropbear": 0o700,
     "lib": 0o755,
     LIBRARY_DIRECTORY: 0o755,

@@ -3,16 +3,18 @@
 It makes its own network namespace with a tap, a real dnsmasq (static lease by MAC,
 IPv6 router advertisements), optionally a metadata responder on 169.254.169.254:80
 (Python's http.server over a directory) and a NoCloud seed ISO, boots QEMU (TCG) on
-a qcow2 overlay, and reads the guest's serial lines. Everything it starts or makes is
-undone on exit, in reverse order, even when a step fails.
+a qcow2 overlay, reads the guest's serial lines and, when asked, speaks QMP to QEMU.
+Everything it starts or makes is undone on exit, in reverse order, even when a step fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from nubes.tinyimage.manifest import Manifest
 
@@ -37,7 +40,11 @@ SERIAL_PREFIX = "nubes-guest: "
 
 
 class GuestTimeout(AssertionError):
-    """The guest did not print the awaited serial line in time."""
+    """The guest did not print the awaited serial line, or QEMU did not exit, in time."""
+
+
+class QmpError(AssertionError):
+    """QEMU answered a QMP command with an error, or broke the protocol."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +105,18 @@ class SerialConsole:
     def text(self) -> str:
         return "\n".join(line.text for line in self.lines())
 
-    def wait_for(self, event: str, timeout: float) -> SerialLine:
-        """The first `nubes-guest: EVENT ...` line; GuestTimeout when none comes in time."""
+    def wait_for(
+        self, event: str, timeout: float, *, after: SerialLine | None = None
+    ) -> SerialLine:
+        """The first `nubes-guest: EVENT ...` line (after AFTER, when given).
+
+        Raises GuestTimeout when none comes in time.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                for line in self._lines:
+                start = 0 if after is None else self._lines.index(after) + 1
+                for line in self._lines[start:]:
                     words = line.text.removeprefix(SERIAL_PREFIX).split()
                     if line.text.startswith(SERIAL_PREFIX) and words[:1] == [event]:
                         return line
@@ -120,6 +133,81 @@ class SerialConsole:
 
     def event_arguments(self, event: str, timeout: float) -> list[str]:
         return self.wait_for(event, timeout).text.removeprefix(SERIAL_PREFIX).split()[1:]
+
+    def wait_for_exit(self, timeout: float) -> int:
+        """QEMU's exit status once it has exited by itself; GuestTimeout if it still runs."""
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestTimeout(
+                f"QEMU still runs {timeout} s later; console:\n"
+                + "\n".join(line.text for line in self.lines()[-40:])
+            ) from None
+
+
+class QmpConnection:
+    """A small synchronous QMP client: capabilities negotiated, commands, events kept.
+
+    QEMU's greeting is read on connect, so a QEMU that does not speak QMP fails here.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.settimeout(timeout)
+        self._socket.connect(str(path))
+        self._stream = self._socket.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        greeting = self._receive()
+        if greeting is None or "QMP" not in greeting:
+            raise QmpError(f"not a QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        self._stream.close()
+        self._socket.close()
+
+    def _receive(self) -> dict[str, Any] | None:
+        """The next message, or None once QEMU has closed the connection."""
+        line = self._stream.readline()
+        if not line:
+            return None
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Runs COMMAND and returns its result; events that come meanwhile are kept.
+
+        Raises QmpError when QEMU answers with an error or closes the connection.
+        """
+        request: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = dict(arguments)
+        self._socket.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            message = self._receive()
+            if message is None:
+                raise QmpError(f"QEMU closed the QMP connection during {command}")
+            if "event" in message:
+                self.events.append(message)
+            elif "error" in message:
+                raise QmpError(f"{command}: {message['error']}")
+            elif "return" in message:
+                return message["return"]
+
+    def events_until_closed(self, timeout: float) -> list[dict[str, Any]]:
+        """Every event, once QEMU has closed the connection (it closes it when it exits).
+
+        Raises GuestTimeout when QEMU keeps the connection open longer than TIMEOUT.
+        """
+        # One timeout for the whole wait: after a timeout the buffered reader is unusable.
+        self._socket.settimeout(timeout)
+        try:
+            while (message := self._receive()) is not None:
+                if "event" in message:
+                    self.events.append(message)
+        except TimeoutError:
+            raise GuestTimeout(f"QEMU kept its QMP connection open for {timeout} s") from None
+        return self.events
 
 
 class GuestLab:
@@ -282,9 +370,16 @@ class GuestLab:
         memory_mib: int = 256,
         cpu: str = "max",
         extra_cmdline: str = "",
+        qmp: bool = False,
+        exit_on_reboot: bool = True,
     ) -> SerialConsole:
-        """Starts QEMU (TCG) on a fresh overlay of the image's disk, NIC on the tap."""
-        overlay = self.workdir / "overlay.qcow2"
+        """Starts QEMU (TCG) on a fresh overlay of the image's disk, NIC on the tap.
+
+        With QMP, QEMU listens for QMP on `qmp_socket` (connect with `connect_qmp`). With
+        EXIT_ON_REBOOT (`-no-reboot`), a guest reboot or panic ends QEMU; without it, a
+        reboot boots the guest again on the same overlay.
+        """
+        overlay = self.overlay
         _run(
             [
                 "qemu-img",
@@ -309,7 +404,6 @@ class GuestLab:
             "-no-user-config",
             "-display", "none",
             "-serial", "stdio",
-            "-no-reboot",
             "-kernel", str(self.image_directory / self.manifest.kernel.path),
             "-initrd", str(self.image_directory / self.manifest.initrd.path),
             "-append", f"{self.manifest.cmdline} {extra_cmdline}".strip(),
@@ -319,15 +413,54 @@ class GuestLab:
         ]  # fmt: skip
         if seed_iso is not None:
             argv += ["-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on"]
-        started = time.monotonic()
-        process = subprocess.Popen(
-            self.in_namespace(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        if exit_on_reboot:
+            argv += ["-no-reboot"]
+        with ExitStack() as parent_side:
+            passed: tuple[int, ...] = ()
+            if qmp:
+                # We bind and listen, QEMU inherits the socket: it is there before QEMU runs.
+                listener = parent_side.enter_context(
+                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                )
+                self.qmp_socket.unlink(missing_ok=True)
+                listener.bind(str(self.qmp_socket))
+                listener.listen()
+                passed = (listener.fileno(),)
+                argv += [
+                    "-chardev", f"socket,id=qmp,fd={listener.fileno()},server=on,wait=off",
+                    "-mon", "chardev=qmp,mode=control",
+                ]  # fmt: skip
+            started = time.monotonic()
+            process = subprocess.Popen(
+                self.in_namespace(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=passed,
+            )
         self._stack.callback(_stop, process)
         return SerialConsole(process, started, self.workdir / "console.log")
+
+    @property
+    def overlay(self) -> Path:
+        """The guest's root disk: a qcow2 overlay on the image's disk."""
+        return self.workdir / "overlay.qcow2"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / "qmp.sock"
+
+    def connect_qmp(self) -> QmpConnection:
+        """A QMP connection to the QEMU booted with `qmp=True`, closed when the lab closes."""
+        connection = QmpConnection(self.qmp_socket)
+        self._stack.callback(connection.close)
+        return connection
+
+    def root_filesystem_copy(self) -> Path:
+        """A raw copy of the overlay (the guest's ext4 root filesystem), once QEMU is gone."""
+        raw = self.workdir / "root.ext4"
+        _run(["qemu-img", "convert", "-O", "raw", str(self.overlay), str(raw)])
+        return raw
 
     def ssh(self, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Runs COMMAND in the guest as root over SSH, from inside the namespace."""

@@ -92,6 +92,21 @@ def test_the_root_filesystem_has_busybox_applets_init_and_private_secrets() -> N
     assert len(by_path) == len(entries)
 
 
+def test_every_guest_script_is_executable_in_the_root_filesystem() -> None:
+    # init, acpid and udhcpc exec these directly: a script left 0644 fails only in the guest.
+    tree = GUEST / "rootfs"
+    guest_files = {
+        path.relative_to(tree).as_posix(): path.read_bytes()
+        for path in tree.rglob("*")
+        if path.is_file()
+    }
+    scripts = {path for path, data in guest_files.items() if data.startswith(b"#!")}
+    assert {"usr/lib/nubes/shutdown", "etc/acpi/power-button"} <= scripts
+    entries = rootfs_entries({}, {}, [], guest_files)
+    modes = {entry.path: oct(stat.S_IMODE(entry.mode)) for entry in entries}
+    assert {path: modes[path] for path in scripts} == dict.fromkeys(scripts, oct(0o755))
+
+
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [

@@ -3,6 +3,7 @@ PATH=/bin
 export PATH
 NUBES_RUN=/run/nubes
 NUBES_STATE=/var/lib/nubes
+TRACING=/sys/kernel/tracing
 
 # One machine-readable line on the serial console: "nubes-guest: <event> <args>".
 say() {
