@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from tests.support.processes import stop_process
 
 ETCD_BINARY = "etcd"
 
@@ -78,14 +79,8 @@ class EtcdServer:
     def stop(self) -> None:
         """Stop our etcd (SIGTERM, then SIGKILL), by its PID only."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        if process is not None:
+            stop_process(process)
 
     def restart(self) -> None:
         self.stop()

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from nubes.tinyimage.manifest import Manifest
+from tests.support.processes import stop_process
 
 GATEWAY_IPV4 = "198.18.0.1"
 GUEST_IPV4 = "198.18.0.10"
@@ -59,18 +59,6 @@ def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProc
     if check and completed.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}: {completed.stderr}")
     return completed
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """Ends a process this lab started, by its PID: SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout)
 
 
 class SerialConsole:
@@ -268,7 +256,7 @@ class GuestLab:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        self._stack.callback(_stop, process)
+        self._stack.callback(stop_process, process, 5.0)
         return process
 
     def start_dnsmasq(self) -> None:
@@ -438,7 +426,7 @@ class GuestLab:
                 stderr=subprocess.STDOUT,
                 pass_fds=passed,
             )
-        self._stack.callback(_stop, process)
+        self._stack.callback(stop_process, process, 5.0)
         return SerialConsole(process, started, self.workdir / "console.log")
 
     @property
