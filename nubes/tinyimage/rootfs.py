@@ -22,6 +22,7 @@ GUEST_FILE_MODES = {
     "usr/lib/nubes/boot": 0o755,
     "usr/lib/nubes/udhcpc-event": 0o755,
     "usr/lib/nubes/shutdown": 0o755,
+    "usr/lib/nubes/disk-event": 0o755,
     "etc/acpi/power-button": 0o755,
     "etc/shadow": 0o600,
 }

@@ -182,6 +182,39 @@ class QmpConnection:
             elif "return" in message:
                 return message["return"]
 
+    def wait_for_event(self, event: str, timeout: float, **data: Any) -> dict[str, Any]:
+        """The first EVENT whose data has the DATA items (kept or still to come).
+
+        Raises GuestTimeout when none comes in time (the connection is unusable then:
+        a timed-out buffered reader cannot be trusted) and QmpError when QEMU closes it.
+        """
+
+        def matches(message: dict[str, Any]) -> bool:
+            found = message.get("data", {})
+            return message["event"] == event and all(
+                found.get(key) == value for key, value in data.items()
+            )
+
+        for kept in self.events:
+            if matches(kept):
+                return kept
+        deadline = time.monotonic() + timeout
+        previous_timeout = self._socket.gettimeout()
+        try:
+            while True:
+                self._socket.settimeout(max(deadline - time.monotonic(), 0.001))
+                message = self._receive()
+                if message is None:
+                    raise QmpError(f"QEMU closed the QMP connection before {event}")
+                if "event" in message:
+                    self.events.append(message)
+                    if matches(message):
+                        return message
+        except TimeoutError:
+            raise GuestTimeout(f"no QMP event {event} {data} within {timeout} s") from None
+        finally:
+            self._socket.settimeout(previous_timeout)
+
     def events_until_closed(self, timeout: float) -> list[dict[str, Any]]:
         """Every event, once QEMU has closed the connection (it closes it when it exits).
 
@@ -360,12 +393,16 @@ class GuestLab:
         extra_cmdline: str = "",
         qmp: bool = False,
         exit_on_reboot: bool = True,
+        nic: bool = True,
+        extra_qemu_args: Sequence[str] = (),
     ) -> SerialConsole:
         """Starts QEMU (TCG) on a fresh overlay of the image's disk, NIC on the tap.
 
-        With QMP, QEMU listens for QMP on `qmp_socket` (connect with `connect_qmp`). With
-        EXIT_ON_REBOOT (`-no-reboot`), a guest reboot or panic ends QEMU; without it, a
-        reboot boots the guest again on the same overlay.
+        Without NIC the guest has no network card at all. EXTRA_QEMU_ARGS go last on
+        QEMU's command line (hotplug ports, say). With QMP, QEMU listens for QMP on
+        `qmp_socket` (connect with `connect_qmp`). With EXIT_ON_REBOOT (`-no-reboot`), a
+        guest reboot or panic ends QEMU; without it, a reboot boots the guest again on
+        the same overlay.
         """
         overlay = self.overlay
         _run(
@@ -396,9 +433,12 @@ class GuestLab:
             "-initrd", str(self.image_directory / self.manifest.initrd.path),
             "-append", f"{self.manifest.cmdline} {extra_cmdline}".strip(),
             "-drive", f"file={overlay},if=virtio,format=qcow2",
-            "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}",
         ]  # fmt: skip
+        if nic:
+            argv += [
+                "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}",
+            ]  # fmt: skip
         if seed_iso is not None:
             argv += ["-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on"]
         if exit_on_reboot:
@@ -418,6 +458,7 @@ class GuestLab:
                     "-chardev", f"socket,id=qmp,fd={listener.fileno()},server=on,wait=off",
                     "-mon", "chardev=qmp,mode=control",
                 ]  # fmt: skip
+            argv += extra_qemu_args
             started = time.monotonic()
             process = subprocess.Popen(
                 self.in_namespace(argv),

@@ -1,7 +1,9 @@
-"""The guest's metadata parsers (awk) and the root filesystem's layout.
+"""The guest's metadata parsers (awk), disk hotplug reports, boot order and the root
+filesystem's layout.
 
 The awk programs run in the guest under busybox awk; here they run under the host's
-awk, which speaks the same POSIX language (the boot tests cover busybox itself).
+awk, which speaks the same POSIX language (the boot tests cover busybox itself); so does
+disk-event under the host's sh (the hotplug tests cover it in the guest).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from nubes.tinyimage.builder import builder_file_digests, default_cache_director
 from nubes.tinyimage.rootfs import rootfs_entries
 
 GUEST = Path(str(resources.files("nubes.tinyimage"))) / "guest"
+GUEST_SCRIPTS = GUEST / "rootfs" / "usr" / "lib" / "nubes"
+BOOT_SCRIPT = GUEST_SCRIPTS / "boot"
+DISK_EVENT = GUEST_SCRIPTS / "disk-event"
 
 
 def run_awk(program: str, text: str) -> list[tuple[str, str]]:
     output = subprocess.run(
-        ["awk", "-f", str(GUEST / "rootfs" / "usr" / "lib" / "nubes" / program)],
+        ["awk", "-f", str(GUEST_SCRIPTS / program)],
         input=text,
         capture_output=True,
         text=True,
@@ -101,7 +106,11 @@ def test_every_guest_script_is_executable_in_the_root_filesystem() -> None:
         if path.is_file()
     }
     scripts = {path for path, data in guest_files.items() if data.startswith(b"#!")}
-    assert {"usr/lib/nubes/shutdown", "etc/acpi/power-button"} <= scripts
+    assert {
+        "usr/lib/nubes/shutdown",
+        "usr/lib/nubes/disk-event",
+        "etc/acpi/power-button",
+    } <= scripts
     entries = rootfs_entries({}, {}, [], guest_files)
     modes = {entry.path: oct(stat.S_IMODE(entry.mode)) for entry in entries}
     assert {path: modes[path] for path in scripts} == dict.fromkeys(scripts, oct(0o755))
@@ -123,7 +132,84 @@ def test_the_default_cache_directory_follows_the_environment(
 
 def test_guest_files_and_builder_code_shape_the_cache_key() -> None:
     digests = builder_file_digests()
-    assert "guest/rootfs/usr/lib/nubes/boot" in digests
-    assert "guest/initrd-init" in digests
+    guest_files = {
+        path.relative_to(GUEST.parent).as_posix() for path in GUEST.rglob("*") if path.is_file()
+    }
+    assert {"guest/rootfs/usr/lib/nubes/disk-event", "guest/initrd-init"} <= guest_files
+    assert guest_files <= set(digests)
     assert "builder.py" in digests
     assert not any("__pycache__" in path for path in digests)
+
+
+def test_the_boot_script_says_booted_once_the_power_button_and_disk_listener_run() -> None:
+    # `booted` promises the compute tests that system_powerdown and hotplug now work.
+    top_level = [line for line in BOOT_SCRIPT.read_text().splitlines() if line[:1].isalpha()]
+    steps = [
+        "mount_filesystems",
+        "start_disk_listener",
+        "start_power_button_listener",
+        'say "booted $(uptime_seconds)"',
+        "if read_nocloud_seed || read_metadata_service; then",
+    ]
+    assert [top_level.index(step) for step in steps] == sorted(
+        top_level.index(step) for step in steps
+    )
+
+
+def run_disk_event(tmp_path: Path, environment: dict[str, str], serial: bytes | None) -> str:
+    """disk-event under the host's sh, its `say` going to stdout and /sys/block to a
+    directory of ours that holds the disk's serial file."""
+    common = tmp_path / "common.sh"
+    common.write_text('say() { echo "nubes-guest: $*"; }\n')
+    block = tmp_path / "block"
+    name = environment.get("DEVNAME", "")
+    (block / name).mkdir(parents=True, exist_ok=True)
+    if serial is not None:
+        (block / name / "serial").write_bytes(serial)
+    script = DISK_EVENT.read_text()
+    assert ". /usr/lib/nubes/common.sh\n" in script
+    assert '"/sys/block/$name/serial"' in script
+    script = script.replace(". /usr/lib/nubes/common.sh", f". {common}")
+    script = script.replace("/sys/block/", f"{block}/")
+    completed = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": "/usr/bin:/bin", **environment},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return completed.stdout
+
+
+DISK = {"SUBSYSTEM": "block", "DEVTYPE": "disk", "DEVNAME": "vdb"}
+
+
+@pytest.mark.parametrize(
+    ("environment", "serial", "expected"),
+    [
+        ({**DISK, "ACTION": "add"}, b"vol-test", "nubes-guest: disk-added vdb vol-test\n"),
+        ({**DISK, "ACTION": "add"}, b"", "nubes-guest: disk-added vdb -\n"),
+        ({**DISK, "ACTION": "add"}, None, "nubes-guest: disk-added vdb -\n"),
+        ({**DISK, "ACTION": "add"}, b"a b\tc\n", "nubes-guest: disk-added vdb a_b_c\n"),
+        ({**DISK, "ACTION": "remove"}, None, "nubes-guest: disk-removed vdb\n"),
+        ({**DISK, "ACTION": "change"}, b"x", ""),
+        ({**DISK, "ACTION": "add", "DEVTYPE": "partition", "DEVNAME": "vdb1"}, b"x", ""),
+        ({**DISK, "ACTION": "add", "DEVNAME": "loop0"}, b"x", ""),
+        ({"ACTION": "add", "SUBSYSTEM": "pci", "DEVNAME": ""}, None, ""),
+    ],
+    ids=[
+        "added",
+        "added-empty-serial",
+        "added-no-serial-file",
+        "added-serial-with-spaces",
+        "removed",
+        "changed-is-ignored",
+        "partition-is-ignored",
+        "loop-disk-is-ignored",
+        "pci-device-is-ignored",
+    ],
+)
+def test_disk_events_report_virtio_disks_coming_and_going(
+    tmp_path: Path, environment: dict[str, str], serial: bytes | None, expected: str
+) -> None:
+    assert run_disk_event(tmp_path, environment, serial) == expected
