@@ -9,6 +9,8 @@ for example `NUBES_STORE__ENGINE=etcd` or
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
@@ -64,11 +66,77 @@ class StoreConfig(_Section):
     )
 
 
+class Accel(StrEnum):
+    """How the agent runs guests: KVM when it works (`auto`), or always one or the other."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+_HOST_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_PREFIX = r"^[a-z][a-z0-9]{0,5}$"
+
+
+def _default_host_name() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return name if re.fullmatch(_HOST_NAME, name) else "localhost"
+
+
+class AgentConfig(_Section):
+    """The host agent: who it is, where it keeps its files, how it runs QEMU."""
+
+    host: str = Field(
+        default_factory=_default_host_name,
+        pattern=_HOST_NAME,
+        description="this host's name in the store (lowercase letters, digits, '-')",
+    )
+    state_dir: Path | None = Field(
+        default=None, description="VM disks, volumes, image cache; defaults to <state_dir>/agent"
+    )
+    run_dir: Path = Field(
+        default=Path("/run/nubes/agent"),
+        description="pidfiles and sockets; on tmpfs, so a host reboot clears it",
+    )
+    prefix: str = Field(
+        default="nb",
+        pattern=_PREFIX,
+        description="marks this agent's namespaces, interfaces and processes "
+        "(several agents on one machine use different prefixes)",
+    )
+    accel: Accel = Accel.AUTO
+    qemu: str = Field(default="qemu-system-x86_64", description="the QEMU system emulator")
+    machine: str = Field(default="q35", pattern=r"^[a-z0-9.-]{1,40}$")
+    soft_stop_timeout: float = Field(
+        default=60.0, ge=0, le=3600, description="seconds a guest gets to power off before quit"
+    )
+    resync_interval: float = Field(
+        default=30.0, gt=0, le=3600, description="seconds between full reconcile passes"
+    )
+    heartbeat_ttl: int = Field(
+        default=10, ge=2, le=300, description="seconds the host stays alive without a heartbeat"
+    )
+    hotplug_slots: int = Field(
+        default=8, ge=0, le=30, description="PCIe slots kept free for volume hotplug"
+    )
+
+
 class NubesConfig(_Section):
     """All nubes settings."""
 
     state_dir: Path = Path("/var/lib/nubes")
     store: StoreConfig = Field(default_factory=StoreConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+
+    @property
+    def image_dir(self) -> Path:
+        """The image store: every registered image's files, by id."""
+        return self.state_dir / "images"
+
+    @property
+    def agent_state_dir(self) -> Path:
+        """Where this host's agent keeps VM disks, volumes and its image cache."""
+        return self.agent.state_dir or self.state_dir / "agent"
 
     @property
     def sqlite_path(self) -> Path:

@@ -144,3 +144,19 @@ class LeaseNotFound(StoreError):
             hint="grant a new lease and attach the keys to it again",
         )
         self.lease_id = lease_id
+
+
+class ImageInvalid(InvalidInput):
+    """An image file is not one nubes will run: wrong format, a backing file, bad size."""
+
+    code = "image_invalid"
+    http_status = 422
+
+
+class QemuError(NubesError):
+    """QEMU refused to start, or answered a QMP command with an error.
+
+    The message carries QEMU's own words, so the user sees the real reason.
+    """
+
+    code = "qemu_error"

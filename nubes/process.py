@@ -5,6 +5,7 @@ Never a shell: arguments are passed as a list, so no input is ever parsed by one
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -59,3 +60,42 @@ def run_tool(
         stderr = completed.stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
         raise CommandFailed(argv, completed.returncode, stderr)
     return completed.stdout.decode("utf-8", "replace")
+
+
+async def run_tool_async(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+) -> str:
+    """`run_tool` for the event loop: the agent runs many tools at once and must not block.
+
+    Raises:
+        ToolMissing: the tool is not installed.
+        CommandFailed: it exited non-zero (the error carries the end of its stderr).
+    """
+    try:
+        process = await asyncio.create_subprocess_exec(
+            find_tool(argv[0]),
+            *argv[1:],
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except FileNotFoundError as error:
+        raise ToolMissing(argv[0]) from error
+    try:
+        stdout, stderr = await process.communicate(stdin)
+    except BaseException:
+        # Cancelled: do not leave the tool running behind our back.
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    if process.returncode != 0:
+        text = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+        raise CommandFailed(argv, process.returncode or 0, text)
+    return stdout.decode("utf-8", "replace")
