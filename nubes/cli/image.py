@@ -1,22 +1,39 @@
-"""`nubes image ...`: commands about guest images; today, building the tiny demo image."""
+"""`nubes image ...`: register, list and delete guest images; build and register the tiny one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from enum import StrEnum
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
-from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
+from nubes.agent.storage.fetch import Progress as ProgressCallback
+from nubes.agent.storage.images import delete_image, import_image, list_images
+from nubes.cli.output import OutputFormat, OutputOption, print_json, print_table
+from nubes.config import load_config
+from nubes.model.image import ImageRecord
+from nubes.store import open_store
+from nubes.tinyimage.builder import BuildResult, build_tiny_image, default_cache_directory
 
 app = typer.Typer(name="image", help="Guest images.", no_args_is_help=True)
 
-
-class OutputFormat(StrEnum):
-    TEXT = "text"
-    JSON = "json"
+TINY_IMAGE_NAME = "nubes-tiny"
+_CACHE_DIR_HELP = (
+    "Where images are built and cached [default: $NUBES_CACHE_DIR/images/tiny "
+    "or ${XDG_CACHE_HOME:-~/.cache}/nubes/images/tiny]."
+)
 
 
 @app.command("build-tiny")
@@ -25,13 +42,10 @@ def build_tiny(
         Path | None,
         typer.Option(
             "--cache-dir",
-            help="Where images are built and cached [default: $NUBES_CACHE_DIR/images/tiny "
-            "or ${XDG_CACHE_HOME:-~/.cache}/nubes/images/tiny].",
+            help=_CACHE_DIR_HELP,
         ),
     ] = None,
-    output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="Output format.")
-    ] = OutputFormat.TEXT,
+    output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Build the nubes tiny guest image from Debian packages, or find it already built."""
     result = build_tiny_image(cache_dir or default_cache_directory())
@@ -49,3 +63,154 @@ def build_tiny(
     size = sum(entry.size for entry in result.manifest.files()) / (1 << 20)
     typer.echo(f"{result.manifest.name} {result.manifest.version} ({how}, {size:.1f} MiB)")
     typer.echo(f"manifest: {result.manifest_path}")
+
+
+@app.command("register")
+def register(
+    source: Annotated[str, typer.Argument(help="The disk (qcow2 or raw): a file path or URL.")],
+    name: Annotated[str, typer.Option("--name", help="The image's name.")],
+    kernel: Annotated[
+        str | None, typer.Option("--kernel", help="A bzImage to boot directly: path or URL.")
+    ] = None,
+    initrd: Annotated[
+        str | None, typer.Option("--initrd", help="The initrd for --kernel: path or URL.")
+    ] = None,
+    cmdline: Annotated[
+        str | None, typer.Option("--cmdline", help="The kernel command line for --kernel.")
+    ] = None,
+    project: Annotated[str, typer.Option("--project", help="The owning project.")] = "default",
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Import a disk image (and a kernel and initrd for direct boot) from files or http(s)."""
+    with _progress_bar(enabled=output is OutputFormat.TEXT) as progress:
+        record = asyncio.run(_register(source, name, kernel, initrd, cmdline, project, progress))
+    _print_records([record], output, single=True)
+
+
+@app.command("register-tiny")
+def register_tiny(
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help=_CACHE_DIR_HELP)] = None,
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Build (or find) the tiny image and register it, unless it is registered already."""
+    built = build_tiny_image(cache_dir or default_cache_directory())
+    record = asyncio.run(_register_tiny(built))
+    _print_records([record], output, single=True)
+
+
+@app.command("list")
+def list_command(output: OutputOption = OutputFormat.TEXT) -> None:
+    """List the registered images."""
+    _print_records(asyncio.run(_list()), output, single=False)
+
+
+@app.command("delete")
+def delete(
+    image_id: Annotated[str, typer.Argument(metavar="ID", help="The image's id (img-...).")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Delete an image: its record and its files."""
+    record = asyncio.run(_delete(image_id))
+    if output is OutputFormat.JSON:
+        print_json({"id": record.id, "deleted": True})
+        return
+    typer.echo(f"deleted {record.id} ({record.name})")
+
+
+async def _register(
+    source: str,
+    name: str,
+    kernel: str | None,
+    initrd: str | None,
+    cmdline: str | None,
+    project: str,
+    progress: ProgressCallback | None,
+) -> ImageRecord:
+    config = load_config()
+    async with await open_store(config) as store:
+        return await import_image(
+            store,
+            config.image_dir,
+            source,
+            name=name,
+            project=project,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            progress=progress,
+        )
+
+
+async def _register_tiny(built: BuildResult) -> ImageRecord:
+    config = load_config()
+    manifest = built.manifest
+    async with await open_store(config) as store:
+        for record in await list_images(store):
+            if record.name == TINY_IMAGE_NAME and record.disk.sha256 == manifest.disk.sha256:
+                return record
+        return await import_image(
+            store,
+            config.image_dir,
+            str(built.directory / manifest.disk.path),
+            name=TINY_IMAGE_NAME,
+            kernel=str(built.directory / manifest.kernel.path),
+            initrd=str(built.directory / manifest.initrd.path),
+            cmdline=manifest.cmdline,
+        )
+
+
+async def _list() -> list[ImageRecord]:
+    async with await open_store(load_config()) as store:
+        return await list_images(store)
+
+
+async def _delete(image_id: str) -> ImageRecord:
+    config = load_config()
+    async with await open_store(config) as store:
+        return await delete_image(store, config.image_dir, image_id)
+
+
+@contextmanager
+def _progress_bar(*, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A progress callback drawing a bar on stderr (stdout stays for the result)."""
+    if not enabled:
+        yield None
+        return
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("fetching", total=None)
+
+        def report(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
+def _print_records(records: list[ImageRecord], output: OutputFormat, *, single: bool) -> None:
+    if output is OutputFormat.JSON:
+        documents = [record.to_json() for record in records]
+        print_json(documents[0] if single else documents)
+        return
+    print_table(
+        "image" if single else "images",
+        ["id", "name", "format", "size", "boots from"],
+        [
+            (
+                record.id,
+                record.name,
+                record.format.value,
+                _human_size(record.virtual_size),
+                "kernel" if record.kernel else "disk",
+            )
+            for record in records
+        ],
+    )
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    return f"{value:.4g} TiB"

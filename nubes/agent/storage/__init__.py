@@ -1,0 +1,1 @@
+"""Storage: image validation and cache, volumes and their snapshots, through qemu-img."""
