@@ -1,0 +1,1 @@
+"""Compute: QEMU command lines, processes, QMP sessions and cgroups."""
