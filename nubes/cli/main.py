@@ -7,7 +7,8 @@ import sys
 import typer
 
 from nubes import __version__
-from nubes.cli import image
+from nubes.cli import host, image
+from nubes.cli.agent import agent
 from nubes.errors import NubesError
 
 app = typer.Typer(
@@ -18,6 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(image.app)
+app.add_typer(host.app)
+app.command("agent")(agent)
 
 
 def _print_version(value: bool) -> None:

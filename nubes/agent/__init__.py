@@ -1,0 +1,1 @@
+"""The host agent: turns the records bound to this host into QEMU processes, disks and networks."""

@@ -1,0 +1,153 @@
+"""The orphan sweep: what this host holds that the store does not know of — QEMU processes,
+VM directories, volume files, cached images, cgroups carrying this agent's marks.
+
+`find_orphans` only looks; `remove_orphans` removes, checking each one against the
+store again right before, so a record created meanwhile is never swept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from nubes.agent.compute.cgroup import CpuWeights
+from nubes.agent.compute.process import scan_qemu_processes, signal_process, wait_exited
+from nubes.agent.paths import AgentPaths
+from nubes.errors import InvalidInput
+from nubes.ids import IdKind, kind_of
+from nubes.model.vm import VmRecord
+from nubes.model.volume import VolumeRecord
+from nubes.store.base import Store
+from nubes.store.keys import Kind, kind_prefix, resource_key
+
+KILL_WAIT_SECONDS = 5.0
+
+
+class OrphanKind(StrEnum):
+    PROCESS = "process"
+    VM_FILES = "vm-files"
+    VOLUME = "volume"
+    CACHED_IMAGE = "cached-image"
+    CGROUP = "cgroup"
+
+
+@dataclass(frozen=True)
+class Orphan:
+    kind: OrphanKind
+    id: str
+    where: str  # a pid or a path, for people
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "id": self.id, "where": self.where}
+
+
+async def _known(store: Store, host: str) -> tuple[set[str], set[str], set[str]]:
+    """(VMs bound here, volumes kept here, images that exist) according to the store."""
+    vms: set[str] = set()
+    for kv in (await store.range(kind_prefix(Kind.VM))).kvs:
+        if kv.key.count("/") != 3:
+            continue
+        with contextlib.suppress(InvalidInput):
+            record = VmRecord.from_json(kv.value)
+            if record.spec.host == host:
+                vms.add(record.id)
+    volumes: set[str] = set()
+    for kv in (await store.range(kind_prefix(Kind.VOLUME))).kvs:
+        if kv.key.count("/") != 3:
+            continue
+        with contextlib.suppress(InvalidInput):
+            volume = VolumeRecord.from_json(kv.value)
+            if volume.spec.host == host:
+                volumes.add(volume.id)
+    images = {
+        kv.key.rsplit("/", 1)[1]
+        for kv in (await store.range(kind_prefix(Kind.IMAGE))).kvs
+        if kv.key.count("/") == 3
+    }
+    return vms, volumes, images
+
+
+async def find_orphans(store: Store, host: str, prefix: str, paths: AgentPaths) -> list[Orphan]:
+    """Everything on this host with the agent's marks that the store does not know."""
+    vms, volumes, images = await _known(store, host)
+    orphans = [
+        Orphan(OrphanKind.PROCESS, vm_id, str(pid))
+        for vm_id, pid in sorted(scan_qemu_processes(prefix).items())
+        if vm_id not in vms
+    ]
+    for directory in (paths.vms_state, paths.vms_run):
+        for entry in _entries(directory):
+            if _is(entry.name, IdKind.VM) and entry.name not in vms:
+                orphans.append(Orphan(OrphanKind.VM_FILES, entry.name, str(entry)))
+    for entry in _entries(paths.volumes):
+        volume_id = entry.name.removesuffix(".qcow2")
+        if _is(volume_id, IdKind.VOLUME) and volume_id not in volumes:
+            orphans.append(Orphan(OrphanKind.VOLUME, volume_id, str(entry)))
+    for entry in _entries(paths.image_cache):
+        if _is(entry.name, IdKind.IMAGE) and entry.name not in images:
+            orphans.append(Orphan(OrphanKind.CACHED_IMAGE, entry.name, str(entry)))
+    orphans.extend(
+        Orphan(OrphanKind.CGROUP, vm_id, "cgroup") for vm_id in CpuWeights(prefix).orphans(vms)
+    )
+    return orphans
+
+
+async def remove_orphans(
+    store: Store, host: str, prefix: str, paths: AgentPaths, orphans: list[Orphan]
+) -> list[Orphan]:
+    """Removes the orphans still unknown to the store; returns those it removed."""
+    removed = []
+    for orphan in orphans:
+        kind = (
+            Kind.IMAGE
+            if orphan.kind is OrphanKind.CACHED_IMAGE
+            else (Kind.VOLUME if orphan.kind is OrphanKind.VOLUME else Kind.VM)
+        )
+        if await _still_bound(store, kind, orphan.id, host):
+            continue
+        if orphan.kind is OrphanKind.PROCESS:
+            pid = scan_qemu_processes(prefix).get(orphan.id)
+            if pid is not None and str(pid) == orphan.where:
+                signal_process(pid, signal.SIGKILL)
+                await wait_exited(pid, KILL_WAIT_SECONDS)
+        elif orphan.kind is OrphanKind.CGROUP:
+            CpuWeights(prefix).remove(orphan.id)
+        else:
+            _remove_path(Path(orphan.where))
+        removed.append(orphan)
+    return removed
+
+
+async def _still_bound(store: Store, kind: Kind, name: str, host: str) -> bool:
+    kv = await store.get(resource_key(kind, name))
+    if kv is None:
+        return False
+    if kind is Kind.IMAGE:
+        return True
+    host_of = kv.value.get("spec", {}).get("host") if isinstance(kv.value, dict) else None
+    return bool(host_of == host)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _is(value: str, kind: IdKind) -> bool:
+    try:
+        return kind_of(value) is kind
+    except InvalidInput:
+        return False

@@ -1,0 +1,191 @@
+"""The reconciler of one volume kept on this host: its qcow2 file, its size, its snapshots.
+
+When the volume is plugged into a running VM, the change goes through that VM's QMP
+session (QEMU holds the file); otherwise through qemu-img.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nubes.agent.context import AgentContext
+from nubes.agent.status import StatusWriter, differs
+from nubes.agent.storage import qemu_img, snapshots
+from nubes.agent.storage.images import CachedImage
+from nubes.agent.storage.volumes import delete_volume, ensure_volume, grow_volume, volume_path
+from nubes.errors import InvalidInput, NotFound, NubesError
+from nubes.model.common import now
+from nubes.model.image import ImageRecord
+from nubes.model.volume import SnapshotInfo, VolumeRecord, VolumeState, VolumeStatus
+from nubes.store.base import Compare, Delete
+from nubes.store.keys import Kind, resource_key, status_key
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+class VolumeController:
+    def __init__(self, context: AgentContext, volume_id: str) -> None:
+        self.ctx = context
+        self.volume_id = volume_id
+        self.key = resource_key(Kind.VOLUME, volume_id)
+        self.status_writer = StatusWriter(context.store, status_key(Kind.VOLUME, volume_id))
+        self.finished = False
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def kick(self, *, resync: bool = False) -> None:
+        self._wake.set()
+
+    def kick_later(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
+
+    async def run(self) -> None:
+        failures = 0
+        while not self.finished:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                failures = 0
+            except Exception:
+                failures += 1
+                log.exception("reconciling %s failed (attempt %d)", self.volume_id, failures)
+                self.kick_later(min(30.0, 0.5 * 2**failures))
+
+    async def reconcile(self) -> None:
+        kv = await self.ctx.store.get(self.key)
+        record = None
+        if kv is not None:
+            try:
+                record = VolumeRecord.from_json(kv.value)
+            except InvalidInput as error:
+                await self._write(None, state=VolumeState.ERROR, reason=str(error))
+                return
+        status_kv = await self.status_writer.read()
+        status = None if status_kv is None else _status_or_none(status_kv.value)
+        path = volume_path(self.ctx.paths.state_dir, self.volume_id)
+
+        if record is None or record.spec.host != self.ctx.host:
+            # Gone, or kept elsewhere now: drop what this host holds, unless a VM still uses it.
+            if self.ctx.runtime_of(self.ctx.vm_using_volume(self.volume_id) or "") is None:
+                await delete_volume(path)
+                if status is not None and status.host == self.ctx.host:
+                    await self.status_writer.delete()
+                self.ctx.volumes.pop(self.volume_id, None)
+                self.finished = True
+            return
+        self.ctx.volumes[self.volume_id] = record
+        user = self.ctx.vm_using_volume(self.volume_id)
+        runtime = self.ctx.runtime_of(user) if user else None
+        plugged = runtime is not None and self.volume_id in runtime.launch.attached_volumes()
+
+        if record.deleting:
+            if user is not None or plugged:
+                await self._write(
+                    status,
+                    state=VolumeState.IN_USE,
+                    attached_to=user,
+                    reason=f"cannot delete: attached to VM {user}; detach it first",
+                )
+                return
+            async with self.ctx.volume_lock(self.volume_id):
+                await delete_volume(path)
+            result = await self.ctx.store.txn(
+                [Compare.mod_revision(self.key, "==", kv.mod_revision if kv else 0)],
+                [Delete(self.key), Delete(self.status_writer.key)],
+            )
+            if result.succeeded:
+                self.ctx.volumes.pop(self.volume_id, None)
+                self.finished = True
+            else:
+                self.kick()
+            return
+
+        spec = record.spec
+        reason: str | None = None
+        revert_counter = status.revert_counter if status else 0
+        try:
+            async with self.ctx.volume_lock(self.volume_id):
+                if not path.exists():
+                    status = await self._write(status, state=VolumeState.CREATING, reason=None)
+                    base = await self._base_image(spec.image)
+                    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    await ensure_volume(path, spec.size_gb, base)
+                if plugged and runtime is not None and runtime.session is not None:
+                    session = runtime.session
+                    info = await qemu_img.inspect(path, fmt="qcow2", force_share=True)
+                    if info.virtual_size < spec.size_gb * GIB:
+                        await session.block_resize(self.volume_id, spec.size_gb * GIB)
+                    have = {snapshot.name for snapshot in info.snapshots}
+                    for name in spec.snapshots:
+                        if name not in have:
+                            await session.snapshot_create(self.volume_id, name)
+                    for name in have - set(spec.snapshots):
+                        await session.snapshot_delete(self.volume_id, name)
+                    if spec.revert is not None and spec.revert.counter != revert_counter:
+                        reason = (
+                            f"cannot revert to {spec.revert.snapshot} while VM {user} runs "
+                            "with the volume; stop the VM or detach the volume"
+                        )
+                else:
+                    await grow_volume(path, spec.size_gb, running=False)
+                    have = {s.name for s in await snapshots.list_snapshots(path)}
+                    for name in spec.snapshots:
+                        if name not in have:
+                            await snapshots.create_snapshot(path, name)
+                    for name in have - set(spec.snapshots):
+                        await snapshots.delete_snapshot(path, name)
+                    if spec.revert is not None and spec.revert.counter != revert_counter:
+                        await snapshots.revert_snapshot(path, spec.revert.snapshot)
+                        revert_counter = spec.revert.counter
+                observed = [
+                    SnapshotInfo(
+                        name=entry.name, created_at=entry.date, vm_state=entry.vm_state_size > 0
+                    )
+                    for entry in await qemu_img.snapshot_list(path, force_share=plugged)
+                ]
+        except NubesError as error:
+            await self._write(status, state=VolumeState.ERROR, reason=error.message)
+            return
+        await self._write(
+            status,
+            state=VolumeState.IN_USE if user else VolumeState.AVAILABLE,
+            reason=reason,
+            size_gb=spec.size_gb,
+            attached_to=user,
+            snapshots=observed,
+            revert_counter=revert_counter,
+        )
+        if user is not None:
+            self.ctx.kick_vm(user)
+
+    async def _base_image(self, image_id: str | None) -> CachedImage | None:
+        if image_id is None:
+            return None
+        image_kv = await self.ctx.store.get(resource_key(Kind.IMAGE, image_id))
+        if image_kv is None:
+            raise NotFound(f"image {image_id} does not exist", hint="give an existing image")
+        return await self.ctx.images.ensure(ImageRecord.from_json(image_kv.value))
+
+    async def _write(self, base: VolumeStatus | None, **changes: object) -> VolumeStatus:
+        fields: dict[str, object] = (
+            base.model_dump() if base is not None else {"state": VolumeState.CREATING}
+        )
+        fields.update(changes)
+        fields["host"] = self.ctx.host
+        fields["updated_at"] = now()
+        new = VolumeStatus.model_validate(fields)
+        if differs(base, new) and not await self.status_writer.write(new):
+            self.kick()
+        return new
+
+
+def _status_or_none(document: object) -> VolumeStatus | None:
+    try:
+        return VolumeStatus.from_json(document)
+    except InvalidInput:
+        return None
