@@ -178,8 +178,9 @@ class Agent:
             self.ctx.vms.pop(vm_id, None)
         else:
             self.ctx.vms[vm_id] = record
-        bound_here = record is not None and record.spec.host == self.host
-        if bound_here or vm_id in self.vm_controllers or (value is not None and record is None):
+        # An invalid record is still ours to report on when it names this host.
+        bound_here = _host_of(value) == self.host
+        if bound_here or vm_id in self.vm_controllers:
             self._vm_controller(vm_id).kick()
         if record is not None:
             for volume_id in record.spec.volumes:
@@ -283,6 +284,15 @@ class Agent:
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _host_of(document: JsonValue | None) -> object:
+    """The spec.host of a record, read without validating the rest of it."""
+    if isinstance(document, dict):
+        spec = document.get("spec")
+        if isinstance(spec, dict):
+            return spec.get("host")
+    return None
 
 
 def _is_id(value: str, kind: IdKind) -> bool:

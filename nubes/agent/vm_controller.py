@@ -31,8 +31,9 @@ from nubes.agent.compute.qemu_cmdline import (
 )
 from nubes.agent.compute.qmp import QmpEvent, QmpSession
 from nubes.agent.context import AgentContext
+from nubes.agent.controller import Controller
 from nubes.agent.runtime import LaunchedDisk, LaunchRecord, VmRuntime
-from nubes.agent.status import StatusWriter, differs
+from nubes.agent.status import differs
 from nubes.agent.storage.volumes import ensure_root_disk, root_disk_path, volume_path
 from nubes.errors import InvalidInput, NotFound, NubesError, QemuError
 from nubes.model.common import now
@@ -54,6 +55,7 @@ from nubes.store.keys import Kind, resource_key, status_key
 log = logging.getLogger(__name__)
 
 QUIT_GRACE_SECONDS = 5.0
+HOST_REBOOTED_REASON = "the host rebooted and autostart is off; start the VM to run it again"
 DETACH_TIMEOUT_SECONDS = 20.0
 CRASH_WINDOW_SECONDS = 600.0
 MAX_RESTART_DELAY_SECONDS = 60.0
@@ -67,60 +69,21 @@ class WaitingFor(NubesError):
     code = "waiting"
 
 
-class VmController:
+class VmController(Controller):
     """Owns one VM id on this host for as long as the VM is bound here or has leftovers."""
 
     def __init__(self, context: AgentContext, vm_id: str) -> None:
-        self.ctx = context
+        super().__init__(context, Kind.VM, vm_id)
         self.vm_id = vm_id
-        self.key = resource_key(Kind.VM, vm_id)
-        self.status_writer = StatusWriter(context.store, status_key(Kind.VM, vm_id))
         self.runtime: VmRuntime | None = None
-        self.finished = False
         self._adoption_tried = False
-        self._wake = asyncio.Event()
-        self._resync = False
-        self._timer: asyncio.TimerHandle | None = None
         self._crash_times: list[float] = []
         self._failed_revision: int | None = None
         self._first_pass = True
-        self._passing = False
-
-    # -- driving ---------------------------------------------------------------------------
-
-    def kick(self, *, resync: bool = False) -> None:
-        """Asks for a pass soon; many kicks before it runs make one pass."""
-        self._resync = self._resync or resync
-        self._wake.set()
 
     def busy(self) -> bool:
         """Whether a pass is running or asked for (the agent waits for first passes)."""
-        return self._passing or self._wake.is_set() or not self._adoption_tried
-
-    def kick_later(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
-
-    async def run(self) -> None:
-        """Passes until the VM is gone from this host; an unexpected error retries later."""
-        failures = 0
-        while not self.finished:
-            await self._wake.wait()
-            self._wake.clear()
-            resync, self._resync = self._resync, False
-            self._passing = True
-            try:
-                await self.reconcile(resync=resync)
-                failures = 0
-            except Exception:
-                failures += 1
-                log.exception("reconciling %s failed (attempt %d)", self.vm_id, failures)
-                self.kick_later(min(30.0, 0.5 * 2**failures))
-            finally:
-                self._passing = False
-        if self._timer is not None:
-            self._timer.cancel()
+        return super().busy() or not self._adoption_tried
 
     # -- one pass --------------------------------------------------------------------------
 
@@ -197,17 +160,19 @@ class VmController:
     async def _start(self, record: VmRecord, revision: int, status: VmStatus | None) -> None:
         spec = record.spec
         if self._first_pass and self.ctx.host_rebooted and not spec.autostart:
-            await self._write(
-                status,
-                state=VmState.STOPPED,
-                reason="the host rebooted and autostart is off; start the VM to run it again",
-                halted_start_counter=spec.start_counter,
-                pid=None,
-                qemu_status=None,
-            )
+            await self._halt(status, spec, HOST_REBOOTED_REASON)
             return
         if status is None or status.state is not VmState.BUILDING:
             status = await self._write(status, state=VmState.BUILDING, reason=None, pid=None)
+        # The volumes stay locked until the runtime is known: until then the volume
+        # controllers would take QEMU's disks for idle ones and open them with qemu-img.
+        async with contextlib.AsyncExitStack() as locks:
+            for volume_id in sorted(set(spec.volumes)):
+                await locks.enter_async_context(self.ctx.volume_lock(volume_id))
+            await self._launch(record, revision, status)
+
+    async def _launch(self, record: VmRecord, revision: int, status: VmStatus) -> None:
+        spec = record.spec
         run_dir = self.ctx.paths.vm_run_dir(self.vm_id)
         root = root_disk_path(self.ctx.paths.state_dir, self.vm_id)
         root_existed = root.exists()
@@ -509,14 +474,8 @@ class VmController:
                     qemu_status=None,
                     **seen,
                 )
-            return await self._write(
-                status,
-                state=VmState.STOPPED,
-                reason="the guest powered itself off; start the VM to run it again",
-                halted_start_counter=spec.start_counter,
-                pid=None,
-                qemu_status=None,
-                **seen,
+            return await self._halt(
+                status, spec, "the guest powered itself off; start the VM to run it again", **seen
             )
         why = "the guest panicked" if runtime.panicked else "QEMU exited unexpectedly"
         if runtime.last_event and not runtime.panicked:
@@ -527,18 +486,25 @@ class VmController:
         """The status says running but no process is left: it died while we were away."""
         if self.ctx.host_rebooted and self._first_pass:
             if not spec.autostart:
-                return await self._write(
-                    status,
-                    state=VmState.STOPPED,
-                    reason="the host rebooted and autostart is off; start the VM to run it again",
-                    halted_start_counter=spec.start_counter,
-                    pid=None,
-                    qemu_status=None,
-                )
+                return await self._halt(status, spec, HOST_REBOOTED_REASON)
             return await self._write(
                 status, state=VmState.STOPPED, reason="the host rebooted", pid=None
             )
         return await self._crashed(spec, status, "QEMU ended while the agent was not running")
+
+    async def _halt(
+        self, status: VmStatus | None, spec: VmSpec, reason: str, **seen: object
+    ) -> VmStatus:
+        """Stopped, and staying so until the next start request."""
+        return await self._write(
+            status,
+            state=VmState.STOPPED,
+            reason=reason,
+            halted_start_counter=spec.start_counter,
+            pid=None,
+            qemu_status=None,
+            **seen,
+        )
 
     async def _crashed(
         self, spec: VmSpec, status: VmStatus | None, why: str, **seen: object

@@ -6,11 +6,11 @@ session (QEMU holds the file); otherwise through qemu-img.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from nubes.agent.context import AgentContext
-from nubes.agent.status import StatusWriter, differs
+from nubes.agent.controller import Controller
+from nubes.agent.status import differs
 from nubes.agent.storage import qemu_img, snapshots
 from nubes.agent.storage.images import CachedImage
 from nubes.agent.storage.volumes import delete_volume, ensure_volume, grow_volume, volume_path
@@ -19,44 +19,20 @@ from nubes.model.common import now
 from nubes.model.image import ImageRecord
 from nubes.model.volume import SnapshotInfo, VolumeRecord, VolumeState, VolumeStatus
 from nubes.store.base import Compare, Delete
-from nubes.store.keys import Kind, resource_key, status_key
+from nubes.store.keys import Kind, resource_key
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
-class VolumeController:
+class VolumeController(Controller):
+    """Owns one volume id on this host for as long as the volume is kept here."""
+
     def __init__(self, context: AgentContext, volume_id: str) -> None:
-        self.ctx = context
+        super().__init__(context, Kind.VOLUME, volume_id)
         self.volume_id = volume_id
-        self.key = resource_key(Kind.VOLUME, volume_id)
-        self.status_writer = StatusWriter(context.store, status_key(Kind.VOLUME, volume_id))
-        self.finished = False
-        self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
 
-    def kick(self, *, resync: bool = False) -> None:
-        self._wake.set()
-
-    def kick_later(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
-
-    async def run(self) -> None:
-        failures = 0
-        while not self.finished:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.reconcile()
-                failures = 0
-            except Exception:
-                failures += 1
-                log.exception("reconciling %s failed (attempt %d)", self.volume_id, failures)
-                self.kick_later(min(30.0, 0.5 * 2**failures))
-
-    async def reconcile(self) -> None:
+    async def reconcile(self, *, resync: bool = False) -> None:
         kv = await self.ctx.store.get(self.key)
         record = None
         if kv is not None:
