@@ -5,7 +5,8 @@ the image cache, the cgroup door, and the in-memory view of the records it follo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from nubes.agent.compute.cgroup import CpuWeights
@@ -18,6 +19,49 @@ from nubes.model.host import HostCapacity
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
 from nubes.store.base import Store
+
+
+class LaunchGate:
+    """Lets VMs that are prepared together spawn their QEMUs together.
+
+    Preparing a start (store writes, disks) takes the agent a few milliseconds of CPU;
+    a QEMU, once spawned, takes whole CPUs to initialize and boot. Spawning each QEMU
+    as soon as it is ready would starve the preparation of the others on a small host,
+    so a prepared start waits (briefly) until no other start is still being prepared.
+    """
+
+    def __init__(self, longest_wait: float = 0.5) -> None:
+        self.longest_wait = longest_wait
+        self._preparing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[Callable[[], Awaitable[None]]]:
+        """Marks one start as being prepared; the function it gives says "prepared" and
+        waits for the others. Leaving the block without calling it is fine too."""
+        done = False
+
+        async def prepared() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._leave()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.longest_wait)
+
+        self._preparing += 1
+        self._idle.clear()
+        try:
+            yield prepared
+        finally:
+            if not done:
+                self._leave()
+
+    def _leave(self) -> None:
+        self._preparing -= 1
+        if self._preparing == 0:
+            self._idle.set()
 
 
 @dataclass
@@ -33,6 +77,7 @@ class AgentContext:
     vms: dict[str, VmRecord] = field(default_factory=dict)
     volumes: dict[str, VolumeRecord] = field(default_factory=dict)
     volume_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    launch_gate: LaunchGate = field(default_factory=LaunchGate)
     # Set by the agent: wake the controller of a VM or a volume.
     kick_vm: Callable[[str], None] = lambda _vm_id: None
     kick_volume: Callable[[str], None] = lambda _volume_id: None

@@ -14,6 +14,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 from nubes.agent.compute.cgroup import CgroupError
 from nubes.agent.compute.process import (
@@ -29,7 +30,7 @@ from nubes.agent.compute.qemu_cmdline import (
     build_qemu_argv,
     hotplug_port,
 )
-from nubes.agent.compute.qmp import QmpEvent, QmpSession
+from nubes.agent.compute.qmp import QmpDisconnected, QmpEvent, QmpSession
 from nubes.agent.context import AgentContext
 from nubes.agent.controller import Controller
 from nubes.agent.runtime import LaunchedDisk, LaunchRecord, VmRuntime
@@ -162,16 +163,24 @@ class VmController(Controller):
         if self._first_pass and self.ctx.host_rebooted and not spec.autostart:
             await self._halt(status, spec, HOST_REBOOTED_REASON)
             return
-        if status is None or status.state is not VmState.BUILDING:
-            status = await self._write(status, state=VmState.BUILDING, reason=None, pid=None)
-        # The volumes stay locked until the runtime is known: until then the volume
-        # controllers would take QEMU's disks for idle ones and open them with qemu-img.
-        async with contextlib.AsyncExitStack() as locks:
-            for volume_id in sorted(set(spec.volumes)):
-                await locks.enter_async_context(self.ctx.volume_lock(volume_id))
-            await self._launch(record, revision, status)
+        with self.ctx.launch_gate.preparing() as prepared:
+            if status is None or status.state is not VmState.BUILDING:
+                status = await self._write(status, state=VmState.BUILDING, reason=None, pid=None)
+            # The volumes stay locked until the runtime is known: until then the volume
+            # controllers would take QEMU's disks for idle ones and open them with qemu-img.
+            async with contextlib.AsyncExitStack() as locks:
+                for volume_id in sorted(set(spec.volumes)):
+                    await locks.enter_async_context(self.ctx.volume_lock(volume_id))
+                await self._launch(record, revision, status, prepared)
 
-    async def _launch(self, record: VmRecord, revision: int, status: VmStatus) -> None:
+    async def _launch(
+        self,
+        record: VmRecord,
+        revision: int,
+        status: VmStatus,
+        prepared: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Prepares the start, waits at the launch gate (`prepared`), spawns QEMU."""
         spec = record.spec
         run_dir = self.ctx.paths.vm_run_dir(self.vm_id)
         root = root_disk_path(self.ctx.paths.state_dir, self.vm_id)
@@ -181,6 +190,7 @@ class VmController(Controller):
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True, mode=0o700)
             launch.save(self.ctx.paths.launch_record(self.vm_id))
+            await prepared()
             pid = await launch_qemu(launch.argv, pidfile=plan.paths.pidfile)
         except WaitingFor as waiting:
             await self._write(status, reason=waiting.message)  # the volume's change wakes us
@@ -193,17 +203,37 @@ class VmController(Controller):
             await self._write(status, state=VmState.ERROR, reason=error.message, pid=None)
             return
         runtime = VmRuntime(pid=pid, launch=launch)
+        self._failed_revision = None
+        # QEMU daemonizes only once it is fully set up, and it was not started paused:
+        # the guest runs now. Say so first; QMP (and the cgroup) follow at once.
+        status = await self._write(
+            status,
+            state=VmState.RUNNING,
+            reason=None,
+            pid=pid,
+            qemu_status="running",
+            flavor=launch.flavor,
+            attached_volumes=launch.attached_volumes(),
+            reboot_counter=spec.reboot_counter,
+            cpu_weight=None,
+            resize_pending=False,
+            last_event=None,
+            last_event_at=None,
+        )
         try:
             await self._connect(runtime)
         except QemuError as error:
+            if not runtime.process_alive():  # it ended at once: a crash like any other
+                await self._forget(runtime)
+                await self._crashed(spec, status, "QEMU exited unexpectedly right after it started")
+                return
             await self._kill(runtime)
             shutil.rmtree(run_dir, ignore_errors=True)
             self._failed_revision = revision
             await self._write(status, state=VmState.ERROR, reason=error.message, pid=None)
             return
         self.runtime = runtime
-        self._failed_revision = None
-        await self._apply_live_changes(runtime, spec, status, just_started=True)
+        self.kick()  # the next pass queries QEMU and applies the CPU weight
 
     async def _plan(self, record: VmRecord) -> tuple[LaunchRecord, QemuPlan]:
         """The disks and command line of the VM's next start (makes the root disk if needed).
@@ -332,28 +362,32 @@ class VmController(Controller):
         runtime: VmRuntime,
         spec: VmSpec,
         status: VmStatus | None,
-        *,
-        just_started: bool = False,
     ) -> None:
         assert runtime.session is not None
         reason: str | None = None
         reboot_counter = spec.reboot_counter
         try:
-            if (
-                not just_started
-                and status is not None
-                and status.reboot_counter != spec.reboot_counter
-            ):
+            if status is not None and status.reboot_counter != spec.reboot_counter:
                 await runtime.session.system_reset()
             reason = await self._sync_hotplug(runtime, spec)
             qemu_status: str | None = await runtime.session.query_status()
         except QemuError as error:
-            if not runtime.connected:
+            if isinstance(error, QmpDisconnected) or not runtime.connected:
                 self.kick()  # it ended under us: the next pass explains how
                 return
             reason = error.message
             qemu_status = status.qemu_status if status else None
-        weight = self.ctx.cpu_weights.apply(self.vm_id, runtime.pid, spec.cpu_weight)
+        weight = None if status is None else status.cpu_weight
+        if weight != spec.cpu_weight:
+            try:
+                weight = await asyncio.to_thread(
+                    self.ctx.cpu_weights.apply, self.vm_id, runtime.pid, spec.cpu_weight
+                )
+            except CgroupError as error:
+                reason = reason or error.message
+        if not runtime.connected:
+            self.kick()  # it ended while we looked: the next pass explains how
+            return
         await self._write(
             status,
             state=VmState.RUNNING,
@@ -449,6 +483,7 @@ class VmController(Controller):
         """Explains why the process ended, records it, and forgets the runtime."""
         if runtime.process_alive() and not await wait_exited(runtime.pid, 3.0):
             # QMP is gone but QEMU is not: try to speak to it again before giving up on it.
+            await runtime.close()
             try:
                 await self._connect(runtime)
                 return status

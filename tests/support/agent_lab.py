@@ -227,7 +227,7 @@ class AgentLab:
         for _ in range(20):
             kv = await self.db.get(key)
             assert kv is not None, f"{key} does not exist"
-            document = dict(kv.value)  # type: ignore[arg-type]
+            document = dict(kv.value)
             document["spec"] = dict(document["spec"])
             change(document)
             result = await self.db.txn([Compare.unchanged(kv)], [Put(key, document)])

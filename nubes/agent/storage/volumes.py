@@ -6,12 +6,14 @@ operation is idempotent: it makes the file so, and does nothing when it already 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
 
 from nubes.agent.storage import qemu_img
 from nubes.agent.storage.images import CachedImage
+from nubes.agent.storage.qcow2 import write_overlay
 from nubes.agent.storage.qemu_img import DiskInfo
 from nubes.errors import Conflict, InvalidInput
 from nubes.ids import IdKind, validate_id
@@ -78,9 +80,30 @@ async def ensure_root_disk(path: Path, image: CachedImage, size_gb: int) -> Disk
         Conflict: the file exists and is larger, or rests on another backing file.
         CommandFailed: qemu-img refused.
     """
-    if size_gb == 0:
-        return await _ensure_disk(path, image.virtual_size, image)
-    return await ensure_volume(path, size_gb, image)
+    size = image.virtual_size if size_gb == 0 else size_in_bytes(size_gb)
+    if size < image.virtual_size:
+        raise InvalidInput(
+            f"a root disk of {size_gb} GiB is smaller than image {image.id} "
+            f"({image.virtual_size} bytes)",
+            hint=f"choose a flavor with at least {-(-image.virtual_size // GIB)} GiB of disk",
+        )
+    if _exists(path):
+        return await _check_existing(path, size, image)
+    # A new VM's disk is on the path of every start: written in-process (qcow2.py), no
+    # qemu-img run. The cached image is verified and its size known.
+    _make_parent(path)
+    backing = Path(_absolute(image.disk))
+    try:
+        await asyncio.to_thread(write_overlay, path, backing, image.format.value, size)
+    except FileExistsError:
+        return await _check_existing(path, size, image)
+    return qemu_img.DiskInfo(
+        format="qcow2",
+        virtual_size=size,
+        actual_size=0,
+        backing_filename=_absolute(image.disk),
+        backing_format=image.format.value,
+    )
 
 
 async def grow_volume(path: Path, size_gb: int, *, running: bool) -> int:

@@ -33,7 +33,7 @@ async def test_a_flavor_larger_than_the_host_ends_in_error_until_it_is_fixed(
     assert lab.leftovers() == []
     # Fixing the spec is enough: the agent tries again.
     mark = lab.mark(vm)
-    await lab.update_vm(vm, flavor={"name": "ok", "vcpus": 1, "memory_mb": 64, "disk_gb": 0})
+    await lab.update_vm(vm, flavor={"name": "ok", "vcpus": 1, "memory_mb": 96, "disk_gb": 0})
     await lab.wait_vm(vm, "running", since=mark)
 
 
@@ -82,8 +82,9 @@ async def test_cpu_weight_is_applied_through_the_cgroup(lab: AgentLab) -> None:
     if cgroups.available() is None:
         pytest.fail("no cgroup cpu controller on this host")
     vm = await lab.create_vm(cpu_weight=300)
-    running = await lab.wait_vm(vm, "running")
-    assert running.cpu_weight == 300
+    await lab.wait_vm(vm, "running")
+    # Applied right after "running" is written, not before: the start does not wait for it.
+    await lab.wait_for(vm, lambda s: s and s.get("cpu_weight") == 300, what="weight 300")
     assert cgroups.read(vm) == 300
     mark = lab.mark(vm)
     await lab.update_vm(vm, cpu_weight=50)
