@@ -60,7 +60,7 @@ class Agent:
         )
         self.ctx.kick_vm = self._kick_vm
         self.ctx.kick_volume = self._kick_volume
-        self.ctx.runtime_of = self._runtime_of
+        self.ctx.runtimes = self._runtimes
         self.vm_controllers: dict[str, VmController] = {}
         self.volume_controllers: dict[str, VolumeController] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -256,9 +256,12 @@ class Agent:
         if controller is not None:
             controller.kick()
 
-    def _runtime_of(self, vm_id: str) -> VmRuntime | None:
-        controller = self.vm_controllers.get(vm_id)
-        return None if controller is None else controller.runtime
+    def _runtimes(self) -> dict[str, VmRuntime]:
+        return {
+            vm_id: controller.runtime
+            for vm_id, controller in self.vm_controllers.items()
+            if controller.runtime is not None
+        }
 
     def _local_vm_ids(self) -> set[str]:
         """VMs this host has files or processes for, known to the store or not."""

@@ -81,8 +81,8 @@ class AgentContext:
     # Set by the agent: wake the controller of a VM or a volume.
     kick_vm: Callable[[str], None] = lambda _vm_id: None
     kick_volume: Callable[[str], None] = lambda _volume_id: None
-    # Set by the agent: the live QEMU of a VM on this host, if it has one.
-    runtime_of: Callable[[str], VmRuntime | None] = lambda _vm_id: None
+    # Set by the agent: every live QEMU on this host, by VM id.
+    runtimes: Callable[[], dict[str, VmRuntime]] = dict
 
     @property
     def host(self) -> str:
@@ -91,6 +91,13 @@ class AgentContext:
     def volume_lock(self, volume_id: str) -> asyncio.Lock:
         """Serializes everything done to one volume file (hotplug, snapshots, resize)."""
         return self.volume_locks.setdefault(volume_id, asyncio.Lock())
+
+    def holder_of(self, volume_id: str) -> tuple[str, VmRuntime] | None:
+        """The VM whose QEMU has the volume plugged in right now, whatever its spec says."""
+        for vm_id, runtime in self.runtimes().items():
+            if volume_id in runtime.launch.attached_volumes():
+                return vm_id, runtime
+        return None
 
     def vm_using_volume(self, volume_id: str) -> str | None:
         """The VM on this host whose spec lists the volume, if any."""

@@ -223,7 +223,7 @@ class VmController(Controller):
         try:
             await self._connect(runtime)
         except QemuError as error:
-            if not runtime.process_alive():  # it ended at once: a crash like any other
+            if await wait_exited(runtime.pid, 1.0):  # it ended at once: a crash like any other
                 await self._forget(runtime)
                 await self._crashed(spec, status, "QEMU exited unexpectedly right after it started")
                 return

@@ -47,7 +47,7 @@ class VolumeController(Controller):
 
         if record is None or record.spec.host != self.ctx.host:
             # Gone, or kept elsewhere now: drop what this host holds, unless a VM still uses it.
-            if self.ctx.runtime_of(self.ctx.vm_using_volume(self.volume_id) or "") is None:
+            if self.ctx.holder_of(self.volume_id) is None:
                 await delete_volume(path)
                 if status is not None and status.host == self.ctx.host:
                     await self.status_writer.delete()
@@ -55,9 +55,11 @@ class VolumeController(Controller):
                 self.finished = True
             return
         self.ctx.volumes[self.volume_id] = record
-        user = self.ctx.vm_using_volume(self.volume_id)
-        runtime = self.ctx.runtime_of(user) if user else None
-        plugged = runtime is not None and self.volume_id in runtime.launch.attached_volumes()
+        # What QEMU holds decides how to touch the file; the spec decides who it belongs to.
+        holder = self.ctx.holder_of(self.volume_id)
+        runtime = holder[1] if holder else None
+        plugged = runtime is not None
+        user = self.ctx.vm_using_volume(self.volume_id) or (holder[0] if holder else None)
 
         if record.deleting:
             if user is not None or plugged:

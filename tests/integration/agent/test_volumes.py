@@ -43,13 +43,14 @@ async def test_a_volume_is_hotplugged_into_a_running_vm_and_released_again(
     in_use = await lab.wait_volume(volume, "in-use")
     assert in_use.attached_to == vm
 
-    mark = lab.mark(vm)
+    mark, volume_mark = lab.mark(vm), lab.mark(volume)
     await lab.update_vm(vm, volumes=[])
     await lab.wait_for(
         vm, lambda s: s and s.get("attached_volumes") == [], since=mark, what="detached"
     )
     await lab.wait_serial(vm, "nubes-guest: disk-removed vdb")
-    await lab.wait_volume(volume, "available", since=lab.mark(volume) - 1)
+    released = await lab.wait_volume(volume, "available", since=volume_mark)
+    assert released.attached_to is None
 
 
 async def test_a_volume_attached_while_stopped_is_there_at_the_next_start(lab: AgentLab) -> None:
@@ -65,6 +66,20 @@ async def test_a_volume_attached_while_stopped_is_there_at_the_next_start(lab: A
     assert running.attached_volumes == [volume]
     assert running.pid is not None
     assert any(f"serial={volume}" in argument for argument in qemu_cmdline(running.pid))
+
+    # Detached while stopped: the next start goes without it.
+    mark = lab.mark(vm)
+    await lab.update_vm(vm, power_state="stopped", soft_stop_timeout=0)
+    await lab.wait_vm(vm, "stopped", since=mark)
+    mark, volume_mark = lab.mark(vm), lab.mark(volume)
+    await lab.update_vm(vm, volumes=[])
+    await lab.wait_for(vm, lambda s: s and s["attached_volumes"] == [], since=mark)
+    await lab.wait_volume(volume, "available", since=volume_mark)
+    mark = lab.mark(vm)
+    await lab.update_vm(vm, power_state="running", start_counter=2)
+    again = await lab.wait_vm(vm, "running", since=mark)
+    assert again.pid is not None
+    assert not any(f"serial={volume}" in argument for argument in qemu_cmdline(again.pid))
 
 
 async def test_snapshots_are_taken_reverted_and_deleted_through_the_spec(lab: AgentLab) -> None:
