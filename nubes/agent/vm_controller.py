@@ -185,6 +185,16 @@ class VmController(Controller):
         run_dir = self.ctx.paths.vm_run_dir(self.vm_id)
         root = root_disk_path(self.ctx.paths.state_dir, self.vm_id)
         root_existed = root.exists()
+        if not root_existed and status.flavor is not None:
+            # It ran before, so its disk held the guest's data: never replace it silently.
+            self._failed_revision = revision
+            await self._write(
+                status,
+                state=VmState.ERROR,
+                reason=f"the root disk of VM {self.vm_id} is gone from host {self.ctx.host}; "
+                "restore it, or delete the VM",
+            )
+            return
         try:
             launch, plan = await self._plan(record)
             shutil.rmtree(run_dir, ignore_errors=True)

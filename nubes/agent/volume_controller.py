@@ -7,9 +7,11 @@ session (QEMU holds the file); otherwise through qemu-img.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from nubes.agent.context import AgentContext
 from nubes.agent.controller import Controller
+from nubes.agent.runtime import VmRuntime
 from nubes.agent.status import differs
 from nubes.agent.storage import qemu_img, snapshots
 from nubes.agent.storage.images import CachedImage
@@ -31,6 +33,8 @@ class VolumeController(Controller):
     def __init__(self, context: AgentContext, volume_id: str) -> None:
         super().__init__(context, Kind.VOLUME, volume_id)
         self.volume_id = volume_id
+        # (spec revision, holding VM) of the last pass that did the file work.
+        self._applied: tuple[int, str | None] | None = None
 
     async def reconcile(self, *, resync: bool = False) -> None:
         kv = await self.ctx.store.get(self.key)
@@ -84,51 +88,43 @@ class VolumeController(Controller):
             return
 
         spec = record.spec
-        reason: str | None = None
-        revert_counter = status.revert_counter if status else 0
+        revision = kv.mod_revision if kv else 0
+        applied = (revision, holder[0] if holder else None)
+        if (
+            applied == self._applied
+            and status is not None
+            and status.state in (VolumeState.AVAILABLE, VolumeState.IN_USE)
+            and path.exists()
+        ):
+            # Nothing changed since the last pass that did the work: only who uses it may.
+            await self._write(
+                status,
+                state=VolumeState.IN_USE if user else VolumeState.AVAILABLE,
+                attached_to=user,
+            )
+            return
+        if (
+            not path.exists()
+            and status is not None
+            and status.state in (VolumeState.AVAILABLE, VolumeState.IN_USE)
+        ):
+            await self._write(
+                status,
+                state=VolumeState.ERROR,
+                reason=f"the file of volume {self.volume_id} is gone from host {self.ctx.host}; "
+                "restore it, or delete the volume",
+            )
+            return
         try:
             async with self.ctx.volume_lock(self.volume_id):
-                if not path.exists():
-                    status = await self._write(status, state=VolumeState.CREATING, reason=None)
-                    base = await self._base_image(spec.image)
-                    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    await ensure_volume(path, spec.size_gb, base)
-                if plugged and runtime is not None and runtime.session is not None:
-                    session = runtime.session
-                    info = await qemu_img.inspect(path, fmt="qcow2", force_share=True)
-                    if info.virtual_size < spec.size_gb * GIB:
-                        await session.block_resize(self.volume_id, spec.size_gb * GIB)
-                    have = {snapshot.name for snapshot in info.snapshots}
-                    for name in spec.snapshots:
-                        if name not in have:
-                            await session.snapshot_create(self.volume_id, name)
-                    for name in have - set(spec.snapshots):
-                        await session.snapshot_delete(self.volume_id, name)
-                    if spec.revert is not None and spec.revert.counter != revert_counter:
-                        reason = (
-                            f"cannot revert to {spec.revert.snapshot} while VM {user} runs "
-                            "with the volume; stop the VM or detach the volume"
-                        )
-                else:
-                    await grow_volume(path, spec.size_gb, running=False)
-                    have = {s.name for s in await snapshots.list_snapshots(path)}
-                    for name in spec.snapshots:
-                        if name not in have:
-                            await snapshots.create_snapshot(path, name)
-                    for name in have - set(spec.snapshots):
-                        await snapshots.delete_snapshot(path, name)
-                    if spec.revert is not None and spec.revert.counter != revert_counter:
-                        await snapshots.revert_snapshot(path, spec.revert.snapshot)
-                        revert_counter = spec.revert.counter
-                observed = [
-                    SnapshotInfo(
-                        name=entry.name, created_at=entry.date, vm_state=entry.vm_state_size > 0
-                    )
-                    for entry in await qemu_img.snapshot_list(path, force_share=plugged)
-                ]
+                reason, revert_counter, observed = await self._converge_file(
+                    record, status, path, runtime, user
+                )
         except NubesError as error:
+            self._applied = None
             await self._write(status, state=VolumeState.ERROR, reason=error.message)
             return
+        self._applied = applied
         await self._write(
             status,
             state=VolumeState.IN_USE if user else VolumeState.AVAILABLE,
@@ -140,6 +136,62 @@ class VolumeController(Controller):
         )
         if user is not None:
             self.ctx.kick_vm(user)
+
+    async def _converge_file(
+        self,
+        record: VolumeRecord,
+        status: VolumeStatus | None,
+        path: Path,
+        runtime: VmRuntime | None,
+        user: str | None,
+    ) -> tuple[str | None, int, list[SnapshotInfo]]:
+        """Makes the file match the spec: (why something waits, the revert counter carried
+        out, the snapshots seen). Through QMP when a QEMU holds it, else qemu-img.
+
+        Raises:
+            NubesError: qemu-img or QEMU refused; the message says why.
+        """
+        spec = record.spec
+        reason: str | None = None
+        revert_counter = status.revert_counter if status else 0
+        plugged = runtime is not None
+        if not _exists(path):
+            status = await self._write(status, state=VolumeState.CREATING, reason=None)
+            base = await self._base_image(spec.image)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            await ensure_volume(path, spec.size_gb, base)
+        if runtime is not None and runtime.session is not None:
+            session = runtime.session
+            info = await qemu_img.inspect(path, fmt="qcow2", force_share=True)
+            if info.virtual_size < spec.size_gb * GIB:
+                await session.block_resize(self.volume_id, spec.size_gb * GIB)
+            have = {snapshot.name for snapshot in info.snapshots}
+            for name in spec.snapshots:
+                if name not in have:
+                    await session.snapshot_create(self.volume_id, name)
+            for name in have - set(spec.snapshots):
+                await session.snapshot_delete(self.volume_id, name)
+            if spec.revert is not None and spec.revert.counter != revert_counter:
+                reason = (
+                    f"cannot revert to {spec.revert.snapshot} while VM {user} runs "
+                    "with the volume; stop the VM or detach the volume"
+                )
+        else:
+            await grow_volume(path, spec.size_gb, running=False)
+            have = {s.name for s in await snapshots.list_snapshots(path)}
+            for name in spec.snapshots:
+                if name not in have:
+                    await snapshots.create_snapshot(path, name)
+            for name in have - set(spec.snapshots):
+                await snapshots.delete_snapshot(path, name)
+            if spec.revert is not None and spec.revert.counter != revert_counter:
+                await snapshots.revert_snapshot(path, spec.revert.snapshot)
+                revert_counter = spec.revert.counter
+        observed = [
+            SnapshotInfo(name=entry.name, created_at=entry.date, vm_state=entry.vm_state_size > 0)
+            for entry in await qemu_img.snapshot_list(path, force_share=plugged)
+        ]
+        return reason, revert_counter, observed
 
     async def _base_image(self, image_id: str | None) -> CachedImage | None:
         if image_id is None:
@@ -160,6 +212,10 @@ class VolumeController(Controller):
         if differs(base, new) and not await self.status_writer.write(new):
             self.kick()
         return new
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
 
 
 def _status_or_none(document: object) -> VolumeStatus | None:

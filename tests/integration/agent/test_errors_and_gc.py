@@ -119,3 +119,30 @@ async def test_host_gc_lists_then_removes_what_the_store_forgot(lab: AgentLab) -
     assert lab.leftovers() == []
     again = lab.nubes("host", "gc", "--dry-run", "-o", "json")
     assert json.loads(again.stdout)["orphans"] == []
+
+
+async def test_a_vm_whose_root_disk_vanished_is_an_error_not_a_fresh_disk(lab: AgentLab) -> None:
+    vm = await lab.create_vm()
+    await lab.wait_vm(vm, "running")
+    mark = lab.mark(vm)
+    await lab.update_vm(vm, power_state="stopped", soft_stop_timeout=0)
+    await lab.wait_vm(vm, "stopped", since=mark)
+    (lab.agent_state / "vms" / vm / "root.qcow2").unlink()
+    mark = lab.mark(vm)
+    await lab.update_vm(vm, power_state="running", start_counter=1)
+    failed = await lab.wait_vm(vm, "error", since=mark)
+    assert "root disk" in (failed.reason or "")
+    assert "gone" in (failed.reason or "")
+    assert not (lab.agent_state / "vms" / vm / "root.qcow2").exists()
+    assert vm not in lab.qemu_pids()
+
+
+async def test_a_volume_whose_file_vanished_is_an_error_not_a_blank_volume(lab: AgentLab) -> None:
+    volume = await lab.create_volume(size_gb=1)
+    await lab.wait_volume(volume, "available")
+    path = lab.agent_state / "volumes" / f"{volume}.qcow2"
+    path.unlink()
+    mark = lab.mark(volume)
+    broken = await lab.wait_volume(volume, "error", since=mark, timeout=10)  # at the resync
+    assert "is gone" in (broken.reason or "")
+    assert not path.exists()
