@@ -56,10 +56,7 @@ def run_tool(
         )
     except FileNotFoundError as error:
         raise ToolMissing(argv[0]) from error
-    if completed.returncode != 0:
-        stderr = completed.stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
-        raise CommandFailed(argv, completed.returncode, stderr)
-    return completed.stdout.decode("utf-8", "replace")
+    return _output(argv, completed.returncode, completed.stdout, completed.stderr)
 
 
 async def run_tool_async(
@@ -95,7 +92,12 @@ async def run_tool_async(
             process.kill()
             await process.wait()
         raise
-    if process.returncode != 0:
+    return _output(argv, process.returncode or 0, stdout, stderr)
+
+
+def _output(argv: Sequence[str], returncode: int, stdout: bytes, stderr: bytes) -> str:
+    """A finished tool's stdout as text, or CommandFailed with the end of its stderr."""
+    if returncode != 0:
         text = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
-        raise CommandFailed(argv, process.returncode or 0, text)
+        raise CommandFailed(argv, returncode, text)
     return stdout.decode("utf-8", "replace")
