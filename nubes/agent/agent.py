@@ -116,6 +116,7 @@ class Agent:
                 await controller.runtime.close()
         if self._registration is not None:
             await self._registration.stop()
+        self.ctx.cpu_weights.remove_root()  # only when no VM group is left in it
 
     # -- following the store ---------------------------------------------------------------
 

@@ -107,18 +107,25 @@ class AgentLab:
         await self.close()
 
     async def close(self) -> None:
-        self.stop_agent()
-        for pid in scan_qemu_processes(self.prefix).values():
-            signal_process(pid, signal.SIGKILL)
-            await wait_exited(pid, 5.0)
-        await self.remove_cgroups()
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-        if self.store is not None:
-            await self.store.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Undoes everything, each step even when an earlier one failed."""
+        try:
+            self.stop_agent()
+        finally:
+            try:
+                for pid in scan_qemu_processes(self.prefix).values():
+                    signal_process(pid, signal.SIGKILL)
+                    await wait_exited(pid, 5.0)
+                await self.remove_cgroups()
+            finally:
+                try:
+                    if self._follower is not None:
+                        self._follower.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await self._follower
+                    if self.store is not None:
+                        await self.store.close()
+                finally:
+                    shutil.rmtree(self.directory, ignore_errors=True)
 
     async def remove_cgroups(self, timeout: float = 10.0) -> None:
         """Removes the lab's cgroups; a killed QEMU holds its group until init reaps it."""
