@@ -3,6 +3,8 @@ it is stopped, grown, snapshotted, reverted, and deleted without leftovers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 
 import pytest
@@ -11,6 +13,18 @@ from nubes.store.keys import Kind
 from tests.support.agent_lab import AgentLab, qemu_cmdline
 
 pytestmark = pytest.mark.integration
+
+
+def _qemu_img_info(lab: AgentLab, volume: str) -> dict[str, object]:
+    path = lab.agent_state / "volumes" / f"{volume}.qcow2"
+    output = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    document: dict[str, object] = json.loads(output)
+    return document
 
 
 def _qemu_io(path: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -141,6 +155,32 @@ async def test_a_snapshot_of_a_volume_in_a_running_vm_goes_through_qemu(lab: Age
         volume, lambda s: s and [x["name"] for x in s["snapshots"]] == ["live"], since=mark
     )
     assert taken["state"] == "in-use"
+
+    # A revert waits while the VM runs with the volume; the status says why.
+    mark = lab.mark(volume)
+    await lab.update(
+        Kind.VOLUME, volume, lambda d: d["spec"].update(revert={"snapshot": "live", "counter": 1})
+    )
+    waiting = await lab.wait_for(
+        volume, lambda s: s and "cannot revert" in (s.get("reason") or ""), since=mark
+    )
+    assert waiting["revert_counter"] == 0
+
+    # Growing and dropping snapshots go through QEMU too, while it runs.
+    mark = lab.mark(volume)
+    await lab.update(
+        Kind.VOLUME,
+        volume,
+        lambda d: d["spec"].update(size_gb=2, snapshots=[], revert=None),
+    )
+    grown = await lab.wait_for(
+        volume, lambda s: s and s["size_gb"] == 2 and s["snapshots"] == [], since=mark
+    )
+    assert grown["state"] == "in-use"
+    info = await asyncio.to_thread(_qemu_img_info, lab, volume)
+    assert info["virtual-size"] == 2 << 30
+    assert "snapshots" not in info
+
     # A volume in use cannot be deleted: the status says why.
     mark = lab.mark(volume)
     await lab.delete(Kind.VOLUME, volume)
