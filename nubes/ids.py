@@ -62,6 +62,12 @@ def kind_of(value: str) -> IdKind:
     return IdKind(match.group("prefix"))
 
 
+def is_id(value: str, kind: IdKind) -> bool:
+    """Whether `value` is a valid id of `kind` (for names found on disk or in keys)."""
+    match = _ID_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    return match is not None and match.group("prefix") == kind.value
+
+
 def validate_id(value: str, kind: IdKind) -> str:
     """Return `value` when it is a valid id of `kind`.
 

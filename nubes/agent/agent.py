@@ -27,7 +27,7 @@ from nubes.agent.vm_controller import VmController
 from nubes.agent.volume_controller import VolumeController
 from nubes.config import NubesConfig
 from nubes.errors import CompactedError, InvalidInput, StoreError
-from nubes.ids import IdKind, kind_of
+from nubes.ids import IdKind, is_id
 from nubes.model.common import now
 from nubes.model.host import HostRecord
 from nubes.model.vm import VmRecord
@@ -152,11 +152,11 @@ class Agent:
         if len(parts) < 2:
             return
         kind, name, rest = parts[0], parts[1], parts[2:]
-        if kind == Kind.VM.value and _is_id(name, IdKind.VM):
+        if kind == Kind.VM.value and is_id(name, IdKind.VM):
             if rest:
                 return  # our own status writes
             self._on_vm(name, value)
-        elif kind == Kind.VOLUME.value and _is_id(name, IdKind.VOLUME):
+        elif kind == Kind.VOLUME.value and is_id(name, IdKind.VOLUME):
             if rest == ["status"]:
                 user = self.ctx.vm_using_volume(name)
                 if user is not None:
@@ -270,7 +270,7 @@ class Agent:
         for directory in (self.paths.vms_state, self.paths.vms_run):
             with contextlib.suppress(FileNotFoundError):
                 for entry in directory.iterdir():
-                    if _is_id(entry.name, IdKind.VM):
+                    if is_id(entry.name, IdKind.VM):
                         found.add(entry.name)
         return found
 
@@ -297,13 +297,6 @@ def _host_of(document: JsonValue | None) -> object:
         if isinstance(spec, dict):
             return spec.get("host")
     return None
-
-
-def _is_id(value: str, kind: IdKind) -> bool:
-    try:
-        return kind_of(value) is kind
-    except InvalidInput:
-        return False
 
 
 def _read_text(path: Path) -> str | None:

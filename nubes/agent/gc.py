@@ -18,7 +18,7 @@ from nubes.agent.compute.cgroup import CpuWeights
 from nubes.agent.compute.process import scan_qemu_processes, signal_process, wait_exited
 from nubes.agent.paths import AgentPaths
 from nubes.errors import InvalidInput
-from nubes.ids import IdKind, kind_of
+from nubes.ids import IdKind, is_id
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
 from nubes.store.base import Store
@@ -81,14 +81,14 @@ async def find_orphans(store: Store, host: str, prefix: str, paths: AgentPaths) 
     ]
     for directory in (paths.vms_state, paths.vms_run):
         for entry in _entries(directory):
-            if _is(entry.name, IdKind.VM) and entry.name not in vms:
+            if is_id(entry.name, IdKind.VM) and entry.name not in vms:
                 orphans.append(Orphan(OrphanKind.VM_FILES, entry.name, str(entry)))
     for entry in _entries(paths.volumes):
         volume_id = entry.name.removesuffix(".qcow2")
-        if _is(volume_id, IdKind.VOLUME) and volume_id not in volumes:
+        if is_id(volume_id, IdKind.VOLUME) and volume_id not in volumes:
             orphans.append(Orphan(OrphanKind.VOLUME, volume_id, str(entry)))
     for entry in _entries(paths.image_cache):
-        if _is(entry.name, IdKind.IMAGE) and entry.name not in images:
+        if is_id(entry.name, IdKind.IMAGE) and entry.name not in images:
             orphans.append(Orphan(OrphanKind.CACHED_IMAGE, entry.name, str(entry)))
     orphans.extend(
         Orphan(OrphanKind.CGROUP, vm_id, "cgroup") for vm_id in CpuWeights(prefix).orphans(vms)
@@ -144,10 +144,3 @@ def _entries(directory: Path) -> list[Path]:
         return sorted(directory.iterdir())
     except FileNotFoundError:
         return []
-
-
-def _is(value: str, kind: IdKind) -> bool:
-    try:
-        return kind_of(value) is kind
-    except InvalidInput:
-        return False

@@ -4,7 +4,7 @@ something the user can see has changed.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -39,10 +39,6 @@ class StatusWriter:
         self._known = await self._store.get(self.key)
         self._loaded = True
         return self._known
-
-    @property
-    def current(self) -> Any:
-        return None if self._known is None else self._known.value
 
     async def write(self, status: BaseModel) -> bool:
         """Stores `status`; False when someone else changed the key meanwhile (read again)."""

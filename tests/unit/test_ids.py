@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from nubes.errors import InvalidId
-from nubes.ids import IdKind, kind_of, new_id, validate_id
+from nubes.ids import IdKind, is_id, kind_of, new_id, validate_id
 
 
 @pytest.mark.parametrize("kind", list(IdKind))
@@ -76,3 +76,19 @@ def test_error_messages_do_not_echo_huge_input() -> None:
     with pytest.raises(InvalidId) as raised:
         kind_of("i-" + "a" * 10_000)
     assert len(raised.value.message) < 100
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "expected"),
+    [
+        ("i-0123456789", IdKind.VM, True),
+        ("vol-0123456789", IdKind.VM, False),
+        ("i-0123456789\n", IdKind.VM, False),
+        ("../etc", IdKind.VM, False),
+        ("vol-abcdefghij", IdKind.VOLUME, True),
+    ],
+)
+def test_is_id_says_whether_a_name_is_an_id_of_a_kind_without_raising(
+    value: str, kind: IdKind, expected: bool
+) -> None:
+    assert is_id(value, kind) is expected
