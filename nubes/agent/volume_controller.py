@@ -187,10 +187,7 @@ class VolumeController(Controller):
             if spec.revert is not None and spec.revert.counter != revert_counter:
                 await snapshots.revert_snapshot(path, spec.revert.snapshot)
                 revert_counter = spec.revert.counter
-        observed = [
-            SnapshotInfo(name=entry.name, created_at=entry.date, vm_state=entry.vm_state_size > 0)
-            for entry in await qemu_img.snapshot_list(path, force_share=plugged)
-        ]
+        observed = await snapshots.list_snapshots(path, force_share=plugged)
         return reason, revert_counter, observed
 
     async def _base_image(self, image_id: str | None) -> CachedImage | None:

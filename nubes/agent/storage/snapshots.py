@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 from nubes.agent.storage import qemu_img
-from nubes.agent.storage.qemu_img import DiskInfo
 from nubes.errors import InvalidInput, NotFound
 from nubes.model.common import NAME_PATTERN
 from nubes.model.volume import SnapshotInfo
@@ -44,17 +43,6 @@ async def list_snapshots(path: Path, *, force_share: bool = False) -> list[Snaps
         SnapshotInfo(name=entry.name, created_at=entry.date, vm_state=entry.vm_state_size > 0)
         for entry in await qemu_img.snapshot_list(path, force_share=force_share)
     ]
-
-
-async def inspect_shared(path: Path) -> DiskInfo:
-    """The volume's size and snapshots, read even while a running QEMU holds it (the answer
-    may lag the QEMU's latest writes by a moment).
-
-    Raises:
-        NotFound: there is no such volume.
-        CommandFailed: qemu-img cannot read it.
-    """
-    return await qemu_img.inspect(path, fmt="qcow2", force_share=True)
 
 
 async def create_snapshot(path: Path, name: str) -> None:
