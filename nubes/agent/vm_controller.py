@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 QUIT_GRACE_SECONDS = 5.0
 HOST_REBOOTED_REASON = "the host rebooted and autostart is off; start the VM to run it again"
 DETACH_TIMEOUT_SECONDS = 20.0
-CONNECT_WATCH_SECONDS = 0.05
 CRASH_WINDOW_SECONDS = 600.0
 MAX_RESTART_DELAY_SECONDS = 60.0
 # QMP events that change what the status says.
@@ -359,24 +358,13 @@ class VmController(Controller):
             self.kick()
 
         runtime.closed = asyncio.Event()
-        connecting = asyncio.ensure_future(
-            QmpSession.connect(
-                self.ctx.paths.runtime(self.vm_id).qmp_socket,
-                name=self.vm_id,
-                on_event=on_event,
-                on_close=on_close,
-            )
+        runtime.session = await QmpSession.connect(
+            self.ctx.paths.runtime(self.vm_id).qmp_socket,
+            name=self.vm_id,
+            on_event=on_event,
+            on_close=on_close,
+            alive=runtime.process_alive,
         )
-        # A QEMU killed now leaves a socket nobody listens on, which the connect would take
-        # for one not made yet and retry: watch the process instead of waiting that out.
-        while not connecting.done():
-            await asyncio.wait({connecting}, timeout=CONNECT_WATCH_SECONDS)
-            if not connecting.done() and not runtime.process_alive():
-                connecting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, QemuError):
-                    await connecting
-                raise QemuError(f"QEMU {runtime.pid} exited before QMP answered")
-        runtime.session = connecting.result()
 
     # -- while running ---------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,17 @@ async def test_closing_the_session_ourselves_does_not_call_on_close(
 async def test_no_qmp_server_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QemuError, match="no QMP answer"):
         await QmpSession.connect(tmp_path / "absent.sock", name="i-0123456789", timeout=0.3)
+
+
+async def test_a_dead_qemus_socket_fails_at_once_when_told_the_process_is_gone(
+    tmp_path: Path,
+) -> None:
+    # A killed QEMU leaves its socket file behind with nobody listening on it.
+    path = tmp_path / "qmp.sock"
+    orphan = socket.socket(socket.AF_UNIX)
+    orphan.bind(str(path))
+    orphan.close()
+    started = time.monotonic()
+    with pytest.raises(QemuError, match="exited before its QMP socket"):
+        await QmpSession.connect(path, name="i-0123456789", timeout=5.0, alive=lambda: False)
+    assert time.monotonic() - started < 1.0

@@ -106,17 +106,21 @@ class QmpSession:
         on_event: Callable[[QmpEvent], None] | None = None,
         on_close: Callable[[], None] | None = None,
         timeout: float = 5.0,
+        alive: Callable[[], bool] | None = None,
     ) -> QmpSession:
         """Connects to a QMP socket, waiting up to `timeout` seconds for it to appear.
 
+        `alive` says whether the QEMU is still there: a killed QEMU leaves a socket file
+        nobody listens on, which would otherwise look like one not made yet.
+
         Raises:
             QemuError: nothing answered QMP there in time (no QEMU, or another client holds
-                the socket), or the handshake failed.
+                the socket), QEMU exited (per `alive`), or the handshake failed.
         """
         session = cls(name=name, on_event=on_event, on_close=on_close)
         try:
             async with asyncio.timeout(timeout):
-                connected = await _connected_socket(socket_path)
+                connected = await _connected_socket(socket_path, alive)
                 await session._client.connect(connected)
         except TimeoutError as error:
             raise QemuError(
@@ -389,7 +393,7 @@ class _EventForwarder(EventListener):
             self._deliver(event)
 
 
-async def _connected_socket(path: Path) -> socket.socket:
+async def _connected_socket(path: Path, alive: Callable[[], bool] | None) -> socket.socket:
     """A socket connected to `path`, retried while QEMU has not created it yet.
 
     Connecting ourselves keeps qemu.qmp from logging an error for every early attempt.
@@ -402,6 +406,8 @@ async def _connected_socket(path: Path) -> socket.socket:
             await loop.sock_connect(connection, str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             connection.close()
+            if alive is not None and not alive():
+                raise QemuError(f"QEMU exited before its QMP socket at {path} answered") from None
             await asyncio.sleep(_CONNECT_RETRY_INTERVAL)
             continue
         except BaseException:
