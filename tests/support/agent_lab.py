@@ -295,29 +295,28 @@ class AgentLab:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def wait_vm(
-        self, vm_id: str, state: str, *, timeout: float = 30.0, since: int = 0
-    ) -> VmStatus:
-        value = await self.wait_for(
-            vm_id,
+    async def wait_state(
+        self, name: str, state: str, *, timeout: float = 30.0, since: int = 0
+    ) -> Any:
+        """The first status of `name` (from `since`) in `state`, as the stored document."""
+        return await self.wait_for(
+            name,
             lambda v: isinstance(v, dict) and v.get("state") == state,
             timeout=timeout,
             since=since,
             what=f"state={state}",
         )
-        return VmStatus.from_json(value)
+
+    async def wait_vm(
+        self, vm_id: str, state: str, *, timeout: float = 30.0, since: int = 0
+    ) -> VmStatus:
+        return VmStatus.from_json(await self.wait_state(vm_id, state, timeout=timeout, since=since))
 
     async def wait_volume(
         self, volume_id: str, state: str, *, timeout: float = 30.0, since: int = 0
     ) -> VolumeStatus:
-        value = await self.wait_for(
-            volume_id,
-            lambda v: isinstance(v, dict) and v.get("state") == state,
-            timeout=timeout,
-            since=since,
-            what=f"state={state}",
-        )
-        return VolumeStatus.from_json(value)
+        document = await self.wait_state(volume_id, state, timeout=timeout, since=since)
+        return VolumeStatus.from_json(document)
 
     async def wait_gone(self, name: str, *, timeout: float = 30.0) -> None:
         await self.wait_for(
