@@ -14,10 +14,11 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from nubes.errors import ConfigError
 
@@ -119,6 +120,25 @@ class AgentConfig(_Section):
     hotplug_slots: int = Field(
         default=8, ge=0, le=30, description="PCIe slots kept free for volume hotplug"
     )
+    underlay_address: IPv4Address = Field(
+        default=IPv4Address("127.0.0.1"),
+        description="the address VXLAN tunnels bind on this host (the host's underlay IP)",
+    )
+    vxlan_port: int = Field(default=4789, ge=1, le=65535, description="VXLAN UDP port")
+    external_bridges: dict[str, str] = Field(
+        default_factory=dict,
+        description="external network's physical_network -> host bridge its VPCs plug into",
+    )
+
+    @field_validator("external_bridges")
+    @classmethod
+    def _bridge_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for physical, bridge in value.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", physical):
+                raise ValueError(f"{physical!r} is not a physical network name")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,14}", bridge):
+                raise ValueError(f"{bridge!r} is not a Linux interface name")
+        return value
 
 
 class NubesConfig(_Section):
