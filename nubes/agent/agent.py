@@ -20,6 +20,7 @@ from nubes.agent.host import (
     host_boot_id,
     measure_capacity,
 )
+from nubes.agent.network.manager import NetworkManager
 from nubes.agent.paths import AgentPaths
 from nubes.agent.runtime import VmRuntime
 from nubes.agent.storage.images import ImageCache
@@ -37,6 +38,15 @@ from nubes.store.keys import ROOT, Kind, kind_prefix
 
 log = logging.getLogger(__name__)
 
+_NETWORK_KINDS = (
+    Kind.NETWORK,
+    Kind.SUBNET,
+    Kind.PORT,
+    Kind.SECURITY_GROUP,
+    Kind.FLOATING_IP,
+    Kind.KEYPAIR,
+)
+_NETWORK_KIND_NAMES = frozenset(kind.value for kind in _NETWORK_KINDS)
 WATCH_RETRY_SECONDS = 1.0
 FIRST_PASS_WAIT_SECONDS = 30.0
 
@@ -61,6 +71,8 @@ class Agent:
         self.ctx.kick_vm = self._kick_vm
         self.ctx.kick_volume = self._kick_volume
         self.ctx.runtimes = self._runtimes
+        self.network = NetworkManager(self.ctx, self._spawn)
+        self.ctx.network_manager = self.network
         self.vm_controllers: dict[str, VmController] = {}
         self.volume_controllers: dict[str, VolumeController] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,11 +102,13 @@ class Agent:
         )
         self._registration = HostRegistration(self.store, record, self.config.agent.heartbeat_ttl)
         await self._registration.start()
+        await self.network.start()
         revision = await self._list_everything()
         first_passes = list(self.vm_controllers.values())
         self._spawn(self._follow(revision), "watch")
         self._spawn(self._resync_forever(), "resync")
         await self._wait_first_passes(first_passes)
+        self.network.sweep_leftovers()
         self.paths.boot_id_file.write_text(boot_id + "\n")
         log.info(
             "agent %s up (%s, %d VMs, %d volumes)",
@@ -114,6 +128,7 @@ class Agent:
         for controller in self.vm_controllers.values():
             if controller.runtime is not None:
                 await controller.runtime.close()
+        await self.network.stop()
         if self._registration is not None:
             await self._registration.stop()
         self.ctx.cpu_weights.remove_root()  # only when no VM group is left in it
@@ -121,6 +136,12 @@ class Agent:
     # -- following the store ---------------------------------------------------------------
 
     async def _list_everything(self) -> int:
+        revision = 0
+        for kind in _NETWORK_KINDS:
+            listed = await self.store.range(kind_prefix(kind))
+            revision = max(revision, listed.revision)
+            for kv in listed.kvs:
+                self._on_change(kv.key, kv.value)
         volumes = await self.store.range(kind_prefix(Kind.VOLUME))
         for kv in volumes.kvs:
             self._on_change(kv.key, kv.value)
@@ -129,7 +150,7 @@ class Agent:
             self._on_change(kv.key, kv.value)
         for vm_id in self._local_vm_ids():
             self._vm_controller(vm_id).kick()
-        return max(volumes.revision, vms.revision)
+        return max(revision, volumes.revision, vms.revision)
 
     async def _follow(self, revision: int) -> None:
         next_revision = revision + 1
@@ -163,6 +184,8 @@ class Agent:
                     self._kick_vm(user)
             elif not rest:
                 self._on_volume(name, value)
+        elif kind in _NETWORK_KIND_NAMES and not rest:
+            self.network.on_record(Kind(kind), name, value)
         elif kind == Kind.IMAGE.value and not rest:
             # A VM in error for want of this image tries again now.
             for vm_id, record in self.ctx.vms.items():
@@ -217,6 +240,7 @@ class Agent:
                     self.ctx.cpu_weights.remove(vm_id)
             for volume_controller in list(self.volume_controllers.values()):
                 volume_controller.kick(resync=True)
+            self.network.kick_all(resync=True)
 
     # -- controllers -----------------------------------------------------------------------
 

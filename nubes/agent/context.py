@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nubes.agent.compute.cgroup import CpuWeights
 from nubes.agent.compute.qemu_cmdline import Accelerator
@@ -19,6 +20,9 @@ from nubes.model.host import HostCapacity
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
 from nubes.store.base import Store
+
+if TYPE_CHECKING:
+    from nubes.agent.network.manager import NetworkManager
 
 
 class LaunchGate:
@@ -83,6 +87,13 @@ class AgentContext:
     kick_volume: Callable[[str], None] = lambda _volume_id: None
     # Set by the agent: every live QEMU on this host, by VM id.
     runtimes: Callable[[], dict[str, VmRuntime]] = dict
+    # Set by the agent: tenant networking (ports, namespaces, metadata).
+    network_manager: NetworkManager | None = None
+
+    @property
+    def network(self) -> NetworkManager:
+        assert self.network_manager is not None, "the agent sets up networking first"
+        return self.network_manager
 
     @property
     def host(self) -> str:

@@ -1,5 +1,6 @@
 """The orphan sweep: what this host holds that the store does not know of — QEMU processes,
-VM directories, volume files, cached images, cgroups carrying this agent's marks.
+VM directories, volume files, cached images, cgroups, VPC namespaces (with their dnsmasq)
+and host links carrying this agent's marks.
 
 `find_orphans` only looks; `remove_orphans` removes, checking each one against the
 store again right before, so a record created meanwhile is never swept.
@@ -8,6 +9,7 @@ store again right before, so a record created meanwhile is never swept.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -16,11 +18,16 @@ from pathlib import Path
 
 from nubes.agent.compute.cgroup import CpuWeights
 from nubes.agent.compute.process import scan_qemu_processes, signal_process, wait_exited
+from nubes.agent.network import names
+from nubes.agent.network.dhcp import Dnsmasq
+from nubes.agent.network.links import delete_netns, list_netns
 from nubes.agent.paths import AgentPaths
-from nubes.errors import InvalidInput
+from nubes.errors import CommandFailed, InvalidInput
 from nubes.ids import IdKind, is_id
+from nubes.model.network import PortRecord
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
+from nubes.process import run_tool_async
 from nubes.store.base import Store
 from nubes.store.keys import Kind, kind_prefix, resource_key
 
@@ -33,6 +40,8 @@ class OrphanKind(StrEnum):
     VOLUME = "volume"
     CACHED_IMAGE = "cached-image"
     CGROUP = "cgroup"
+    NAMESPACE = "namespace"
+    LINK = "link"
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,44 @@ async def find_orphans(store: Store, host: str, prefix: str, paths: AgentPaths) 
     orphans.extend(
         Orphan(OrphanKind.CGROUP, vm_id, "cgroup") for vm_id in CpuWeights(prefix).orphans(vms)
     )
+    orphans.extend(await _network_orphans(store, host, prefix))
+    return orphans
+
+
+async def _vpcs_in_use(store: Store, host: str) -> set[str]:
+    """The VPCs some VM bound to this host has a port in."""
+    ports: set[str] = set()
+    for kv in (await store.range(kind_prefix(Kind.VM))).kvs:
+        if kv.key.count("/") == 3:
+            with contextlib.suppress(InvalidInput):
+                record = VmRecord.from_json(kv.value)
+                if record.spec.host == host:
+                    ports.update(record.spec.ports)
+    vpcs: set[str] = set()
+    for kv in (await store.range(kind_prefix(Kind.PORT))).kvs:
+        if kv.key.count("/") == 3 and kv.key.rsplit("/", 1)[1] in ports:
+            with contextlib.suppress(InvalidInput):
+                vpcs.add(PortRecord.from_json(kv.value).spec.network)
+    return vpcs
+
+
+async def _network_orphans(store: Store, host: str, prefix: str) -> list[Orphan]:
+    in_use = await _vpcs_in_use(store, host)
+    orphans = []
+    for netns in list_netns(prefix):
+        vpc_id = names.vpc_of_netns(prefix, netns)
+        if vpc_id is not None and vpc_id not in in_use:
+            orphans.append(Orphan(OrphanKind.NAMESPACE, vpc_id, netns))
+    # VXLAN devices stranded between creation and their move into a namespace, and
+    # external veths whose namespace is gone.
+    staging = re.compile(rf"{re.escape(prefix)}[vx][0-9a-z]+")
+    for link in _entries(Path("/sys/class/net")):
+        if staging.fullmatch(link.name):
+            vpc = next(
+                (v for v in in_use if names.external_host_link(prefix, v) == link.name), None
+            )
+            if vpc is None:
+                orphans.append(Orphan(OrphanKind.LINK, link.name, link.name))
     return orphans
 
 
@@ -107,6 +154,10 @@ async def remove_orphans(
             if orphan.kind is OrphanKind.CACHED_IMAGE
             else (Kind.VOLUME if orphan.kind is OrphanKind.VOLUME else Kind.VM)
         )
+        if orphan.kind in (OrphanKind.NAMESPACE, OrphanKind.LINK):
+            if await _network_orphan_removed(store, host, prefix, paths, orphan):
+                removed.append(orphan)
+            continue
         if await _still_bound(store, kind, orphan.id, host):
             continue
         if orphan.kind is OrphanKind.PROCESS:
@@ -120,6 +171,27 @@ async def remove_orphans(
             _remove_path(Path(orphan.where))
         removed.append(orphan)
     return removed
+
+
+async def _network_orphan_removed(
+    store: Store, host: str, prefix: str, paths: AgentPaths, orphan: Orphan
+) -> bool:
+    if orphan.kind is OrphanKind.LINK:
+        await _delete_host_link(orphan.where)
+        return True
+    if orphan.id in await _vpcs_in_use(store, host):
+        return False
+    directory = paths.run_dir / "vpcs" / orphan.id
+    await Dnsmasq(orphan.where, directory, marker=f"nubes:{prefix}").stop()
+    await _delete_host_link(names.external_host_link(prefix, orphan.id))
+    await delete_netns(orphan.where)
+    _remove_path(directory)
+    return True
+
+
+async def _delete_host_link(name: str) -> None:
+    with contextlib.suppress(CommandFailed):
+        await run_tool_async(["ip", "link", "del", name])
 
 
 async def _still_bound(store: Store, kind: Kind, name: str, host: str) -> bool:

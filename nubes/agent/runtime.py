@@ -42,6 +42,9 @@ class LaunchRecord(Model):
     flavor: Flavor
     disks: list[LaunchedDisk]
     vnc: bool = False
+    network: str | None = Field(default=None, description="vpc- id of its ports")
+    netns: str | None = Field(default=None, description="the namespace QEMU runs in")
+    ports: list[str] = Field(default_factory=list)
     argv: list[str]
     started_at: datetime = Field(default_factory=now)
 

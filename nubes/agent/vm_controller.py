@@ -201,12 +201,13 @@ class VmController(Controller):
             run_dir.mkdir(parents=True, mode=0o700)
             launch.save(self.ctx.paths.launch_record(self.vm_id))
             await prepared()
-            pid = await launch_qemu(launch.argv, pidfile=plan.paths.pidfile)
+            pid = await launch_qemu(launch.argv, pidfile=plan.paths.pidfile, netns=launch.netns)
         except WaitingFor as waiting:
             await self._write(status, reason=waiting.message)  # the volume's change wakes us
             return
         except NubesError as error:
             shutil.rmtree(run_dir, ignore_errors=True)
+            self.ctx.network.release(self.vm_id)
             if not root_existed:
                 shutil.rmtree(self.ctx.paths.vm_state_dir(self.vm_id), ignore_errors=True)
             self._failed_revision = revision
@@ -253,10 +254,6 @@ class VmController(Controller):
                 something this host cannot give; the message says which.
         """
         spec = record.spec
-        if spec.ports:
-            raise InvalidInput(
-                "this agent does not run VM networking yet; create the VM without ports"
-            )
         if spec.image is None:
             raise InvalidInput("the VM has no image; give it one to boot from")
         capacity = self.ctx.capacity
@@ -280,6 +277,7 @@ class VmController(Controller):
         disks = [LaunchedDisk(node="root", path=str(root), format=DiskFormat.QCOW2, serial="root")]
         for volume_id in spec.volumes:
             disks.append(await self._volume_disk(volume_id, port=None))
+        network = await self.ctx.network.prepare(record)
         kernel_boot = None
         if cached.kernel is not None:
             kernel_boot = KernelBoot(
@@ -295,12 +293,20 @@ class VmController(Controller):
             paths=self.ctx.paths.runtime(self.vm_id, vnc=spec.vnc),
             disks=tuple(disk.plan() for disk in disks),
             kernel_boot=kernel_boot,
+            nics=network.nics if network is not None else (),
             hotplug_slots=self.ctx.config.hotplug_slots,
             qemu=self.ctx.config.qemu,
         )
         argv = build_qemu_argv(plan)
         launch = LaunchRecord(
-            vm_id=self.vm_id, flavor=spec.flavor, disks=disks, vnc=spec.vnc, argv=argv
+            vm_id=self.vm_id,
+            flavor=spec.flavor,
+            disks=disks,
+            vnc=spec.vnc,
+            network=network.vpc_id if network is not None else None,
+            netns=network.netns if network is not None else None,
+            ports=list(network.ports) if network is not None else [],
+            argv=argv,
         )
         return launch, plan
 
@@ -381,6 +387,8 @@ class VmController(Controller):
             if status is not None and status.reboot_counter != spec.reboot_counter:
                 await runtime.session.system_reset()
             reason = await self._sync_hotplug(runtime, spec)
+            if reason is None and runtime.launch.ports != spec.ports:
+                reason = "the ports changed; the change applies at the next start"
             qemu_status: str | None = await runtime.session.query_status()
         except QemuError as error:
             if isinstance(error, QmpDisconnected) or not runtime.connected:
@@ -621,6 +629,8 @@ class VmController(Controller):
             await self._kill(runtime)
             return
         self.runtime = runtime
+        if launch.network is not None:
+            self.ctx.network.adopt(self.vm_id, launch.network, tuple(launch.ports))
         log.info("%s: adopted QEMU %d", self.vm_id, pid)
 
     async def _finish(
@@ -659,6 +669,7 @@ class VmController(Controller):
                 await wait_exited(runtime.pid, QUIT_GRACE_SECONDS)
             await self._kill(runtime)
             await self._forget(runtime)
+        self.ctx.network.release(self.vm_id)
         shutil.rmtree(self.ctx.paths.vm_run_dir(self.vm_id), ignore_errors=True)
         shutil.rmtree(self.ctx.paths.vm_state_dir(self.vm_id), ignore_errors=True)
         self._release_cgroup()

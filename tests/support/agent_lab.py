@@ -39,6 +39,15 @@ from nubes.store.sqlite import SqliteStore
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
 
 HOST = "lab-host"
+
+
+def list_netns_names() -> list[str]:
+    try:
+        return sorted(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return []
+
+
 TINY = Flavor(name="tiny", vcpus=1, memory_mb=96, disk_gb=0)
 
 
@@ -52,7 +61,14 @@ class LabTimeout(AssertionError):
 
 
 class AgentLab:
-    def __init__(self, *, soft_stop_timeout: float = 30.0, resync_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        soft_stop_timeout: float = 30.0,
+        resync_interval: float = 2.0,
+        agent_settings: str = "",
+    ) -> None:
+        """`agent_settings`: more [agent] lines; "{prefix}" in them becomes the lab's prefix."""
         self.directory = Path(tempfile.mkdtemp(prefix="nb-", dir="/tmp"))
         self.prefix = "t" + secrets.token_hex(2)
         self.state_dir = self.directory / "state"
@@ -70,7 +86,7 @@ class AgentLab:
             'accel = "tcg"\n'
             f"soft_stop_timeout = {soft_stop_timeout}\n"
             f"resync_interval = {resync_interval}\n"
-            "heartbeat_ttl = 4\n"
+            "heartbeat_ttl = 4\n" + agent_settings.replace("{prefix}", self.prefix)
         )
         self.agent_log = self.directory / "agent.log"
         self.agent: subprocess.Popen[bytes] | None = None
@@ -116,6 +132,7 @@ class AgentLab:
                     signal_process(pid, signal.SIGKILL)
                     await wait_exited(pid, 5.0)
                 await self.remove_cgroups()
+                self.remove_network_leftovers()
             finally:
                 try:
                     if self._follower is not None:
@@ -126,6 +143,33 @@ class AgentLab:
                         await self.store.close()
                 finally:
                     shutil.rmtree(self.directory, ignore_errors=True)
+
+    def lab_namespaces(self) -> list[str]:
+        return [n for n in list_netns_names() if n.startswith(f"{self.prefix}-")]
+
+    def lab_links(self) -> list[str]:
+        """Links in this (the host's) namespace named with the lab's prefix."""
+        return [n for n in os.listdir("/sys/class/net") if n.startswith(self.prefix)]
+
+    def dnsmasq_pids(self) -> list[int]:
+        pids = []
+        for pidfile in self.run_dir.glob("vpcs/*/*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().split()[0])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"dnsmasq" in cmdline and str(self.run_dir).encode() in cmdline:
+                    pids.append(pid)
+        return pids
+
+    def remove_network_leftovers(self) -> None:
+        """What a failed test's agent may have left: dnsmasq, namespaces, host links."""
+        for pid in self.dnsmasq_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for name in self.lab_namespaces():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        for name in self.lab_links():
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
     async def remove_cgroups(self, timeout: float = 10.0) -> None:
         """Removes the lab's cgroups; a killed QEMU holds its group until init reaps it."""
@@ -367,4 +411,9 @@ class AgentLab:
             if directory.exists():
                 found += [str(path) for path in directory.iterdir()]
         found += [f"cgroup {vm}" for vm in CpuWeights(self.prefix).orphans(set())]
+        found += [f"namespace {name}" for name in self.lab_namespaces()]
+        found += [f"link {name}" for name in self.lab_links()]
+        found += [f"dnsmasq {pid}" for pid in self.dnsmasq_pids()]
+        if (self.run_dir / "vpcs").exists():
+            found += [str(path) for path in (self.run_dir / "vpcs").iterdir()]
         return found
