@@ -58,6 +58,7 @@ from nubes.agent.compute.qemu_cmdline import (
     DiskFormat,
     DiskPlan,
     KernelBoot,
+    NicPlan,
     QemuPlan,
     RuntimePaths,
     build_qemu_argv,
@@ -280,6 +281,7 @@ class BareVm:
     qmp_socket: Path
     pid: int | None = None
     qmp: RawQmp | None = None
+    serial_log: Path | None = None
 
 
 @dataclass
@@ -294,8 +296,9 @@ class BareQemus:
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(2))
     made: list[BareVm] = field(default_factory=list)
 
-    def prepare(self) -> BareVm:
-        """A VM's directory and root overlay (outside any timing, as the agent's image cache)."""
+    def prepare(self, nics: tuple[NicPlan, ...] = (), netns: str | None = None) -> BareVm:
+        """A VM's directory and root overlay (outside any timing, as the agent's image cache);
+        with `nics`, on taps that already exist in `netns`."""
         vm_id = new_id(IdKind.VM)
         home = self.directory / f"{len(self.made)}"
         home.mkdir()
@@ -327,10 +330,14 @@ class BareQemus:
                 initrd=self.image.directory / manifest.initrd.path,
                 cmdline=manifest.cmdline,
             ),
+            nics=nics,
             hotplug_slots=defaults["hotplug_slots"].default,
             qemu=defaults["qemu"].default,
         )
-        vm = BareVm(vm_id, home, build_qemu_argv(plan), paths.pidfile, paths.qmp_socket)
+        argv = build_qemu_argv(plan)
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        vm = BareVm(vm_id, home, argv, paths.pidfile, paths.qmp_socket, serial_log=paths.serial_log)
         self.made.append(vm)
         return vm
 
