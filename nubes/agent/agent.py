@@ -13,6 +13,7 @@ from typing import Any
 
 from nubes import __version__
 from nubes.agent.compute.cgroup import CgroupError, CpuWeights
+from nubes.agent.compute.process import find_vm_process
 from nubes.agent.context import AgentContext
 from nubes.agent.host import (
     HostRegistration,
@@ -22,7 +23,7 @@ from nubes.agent.host import (
 )
 from nubes.agent.network.manager import NetworkManager
 from nubes.agent.paths import AgentPaths
-from nubes.agent.runtime import VmRuntime
+from nubes.agent.runtime import LaunchRecord, VmRuntime
 from nubes.agent.storage.images import ImageCache
 from nubes.agent.vm_controller import VmController
 from nubes.agent.volume_controller import VolumeController
@@ -103,6 +104,7 @@ class Agent:
         self._registration = HostRegistration(self.store, record, self.config.agent.heartbeat_ttl)
         await self._registration.start()
         await self.network.start()
+        self._preclaim_ports()
         revision = await self._list_everything()
         first_passes = list(self.vm_controllers.values())
         self._spawn(self._follow(revision), "watch")
@@ -134,6 +136,16 @@ class Agent:
         self.ctx.cpu_weights.remove_root()  # only when no VM group is left in it
 
     # -- following the store ---------------------------------------------------------------
+
+    def _preclaim_ports(self) -> None:
+        """Claims the ports of every QEMU still running here, before any controller runs."""
+        for vm_id in self._local_vm_ids():
+            pidfile = self.paths.runtime(vm_id).pidfile
+            if find_vm_process(pidfile, self.config.agent.prefix, vm_id) is None:
+                continue
+            launch = LaunchRecord.load(self.paths.launch_record(vm_id))
+            if launch is not None and launch.network is not None:
+                self.network.preclaim(vm_id, launch.network, tuple(launch.ports))
 
     async def _list_everything(self) -> int:
         revision = 0

@@ -612,6 +612,13 @@ class VmController(Controller):
 
     async def _adopt(self) -> None:
         """Finds a QEMU left running by an earlier agent and takes it over, untouched."""
+        await self._take_over()
+        if self.runtime is None:
+            # Its ports were claimed for it at the agent's start; without QEMU they are
+            # claimed again only when it starts.
+            self.ctx.network.release(self.vm_id)
+
+    async def _take_over(self) -> None:
         runtime_paths = self.ctx.paths.runtime(self.vm_id)
         pid = find_vm_process(runtime_paths.pidfile, self.ctx.config.prefix, self.vm_id)
         if pid is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import re
 import secrets
 import select
@@ -324,11 +325,13 @@ class Capture:
         assert self._process.stderr is not None
         deadline = time.monotonic() + 10
         said = ""
-        # tcpdump says "listening on <link>" once its socket is bound and filtered.
+        # tcpdump says "listening on <link>" once its socket is bound and filtered. Read the
+        # pipe's fd directly: a buffered readline could swallow that line before select sees it.
+        stderr = self._process.stderr.fileno()
         while "listening on" not in said:
-            ready, _, _ = select.select([self._process.stderr], [], [], 1.0)
+            ready, _, _ = select.select([stderr], [], [], 1.0)
             if ready:
-                said += self._process.stderr.readline()
+                said += os.read(stderr, 4096).decode(errors="replace")
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError(f"tcpdump on {self.where} did not start: {said}")

@@ -163,8 +163,17 @@ class NetworkManager:
         )
         return VmNetwork(vpc_id=vpc_id, netns=controller.netns, ports=tuple(ports), nics=nics)
 
+    def preclaim(self, vm_id: str, vpc_id: str, ports: tuple[str, ...]) -> None:
+        """At the agent's start, before any pass: a QEMU still runs with these ports.
+
+        Every VM found running is claimed before the first VPC pass, so that pass never
+        takes a neighbour's tap for stale while its VM waits for adoption.
+        """
+        if ports:
+            self._claims[vm_id] = _Claim(vpc_id, ports)
+
     def adopt(self, vm_id: str, vpc_id: str, ports: tuple[str, ...]) -> None:
-        """A running VM found at start keeps its ports claimed (no wait: they exist)."""
+        """A running VM was taken over: its ports stay claimed (no wait: they exist)."""
         if ports:
             self._claims[vm_id] = _Claim(vpc_id, ports)
             self._controller(vpc_id).kick()

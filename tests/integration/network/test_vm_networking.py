@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,8 +16,7 @@ import pytest
 from nubes.ipam import slaac_address
 from nubes.model.network import PortRecord
 from nubes.store.keys import Kind, resource_key
-from tests.support.agent_lab import AgentLab
-from tests.support.network_lab import NETWORK_SETTINGS, NetLab, ping
+from tests.support.network_lab import NetLab, ping
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +28,6 @@ OPEN_ICMP_SSH = [
     {"direction": "egress"},
     {"direction": "egress", "ethertype": "ipv6"},
 ]
-
-
-@pytest.fixture
-async def net() -> AsyncIterator[NetLab]:
-    if os.geteuid() != 0:
-        pytest.fail("the networking tests need root (namespaces, nftables, QEMU)")
-    async with AgentLab(agent_settings=NETWORK_SETTINGS) as lab:
-        yield NetLab(lab)
 
 
 async def boot(net: NetLab, name: str, ports: list[PortRecord], **spec: Any) -> str:
