@@ -20,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+import pytest
 
 from nubes.agent.compute.cgroup import CgroupError, CpuWeights
 from nubes.agent.compute.process import scan_qemu_processes, signal_process, wait_exited
@@ -39,6 +41,8 @@ from nubes.store.sqlite import SqliteStore
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
 
 HOST = "lab-host"
+# Set on a test's node by tests/integration/conftest.py when the test failed.
+TEST_FAILED = pytest.StashKey[bool]()
 
 
 def list_netns_names() -> list[str]:
@@ -417,3 +421,17 @@ class AgentLab:
         if (self.run_dir / "vpcs").exists():
             found += [str(path) for path in (self.run_dir / "vpcs").iterdir()]
         return found
+
+
+@contextlib.asynccontextmanager
+async def lab_for_test(
+    request: pytest.FixtureRequest, needs: str, **settings: Any
+) -> AsyncIterator[AgentLab]:
+    """An AgentLab for one test; the end of the agent's log is printed if the test failed."""
+    if os.geteuid() != 0:
+        pytest.fail(f"these tests need root ({needs})")
+    async with AgentLab(**settings) as lab:
+        yield lab
+        if request.node.stash.get(TEST_FAILED, False):
+            tail = lab.agent_log_text()[-8000:]
+            sys.stderr.write(f"\n--- end of the agent log ({lab.agent_log}) ---\n{tail}\n")
