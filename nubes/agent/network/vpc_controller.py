@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from nubes.agent.controller import Controller
-from nubes.agent.network import firewall, links, names
+from nubes.agent.network import conntrack, firewall, links, names
 from nubes.agent.network.dhcp import Dnsmasq
 from nubes.agent.network.plan import VpcPlan
 from nubes.agent.network.planner import PlanProblem, build_vpc_plan
@@ -55,6 +55,7 @@ class VpcController(Controller):
         self._port_writers: dict[str, StatusWriter] = {}
         self._fip_writers: dict[str, StatusWriter] = {}
         self._external_made = False
+        self._floating: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
         self._written: dict[str, PortStatus | FloatingIpStatus] = {}
 
     # -- asked by VM controllers -----------------------------------------------------------
@@ -149,6 +150,7 @@ class VpcController(Controller):
         await links.ensure_address(self.netns, "lo", METADATA_ADDRESS)
         plan = await self._converge_external(plan, problems)
         await firewall.apply_ruleset(self.netns, firewall.build_ruleset(plan))
+        await self._forget_moved_floating_ips(plan)
         if any(subnet.dhcp for subnet in plan.subnets):
             await self.dnsmasq.ensure(plan)
         else:
@@ -200,6 +202,15 @@ class VpcController(Controller):
         await links.ensure_floating_ips(self.netns, link=external.link, mapping=mapping)
         return plan
 
+    async def _forget_moved_floating_ips(self, plan: VpcPlan) -> None:
+        """Connections through a floating IP that left its port or moved end with it."""
+        now_mapped = {fip.address: fip.fixed_ip for fip in plan.floating_ips}
+        moved = [a for a, fixed in self._floating.items() if now_mapped.get(a) != fixed]
+        if moved:
+            forgotten = await conntrack.forget_connections_async(self.netns, moved)
+            log.info("%s: forgot %d connections of %s", self.vpc_id, forgotten, moved)
+        self._floating = now_mapped
+
     @staticmethod
     def _subnet_of(plan: VpcPlan, port_id: str) -> str:
         return next(port.subnet_id for port in plan.ports if port.port_id == port_id)
@@ -214,6 +225,7 @@ class VpcController(Controller):
         await links.delete_netns(self.netns)
         self.plan = None
         self._external_made = False
+        self._floating = {}
         await self._write_statuses(None, [])
 
     # -- statuses --------------------------------------------------------------------------

@@ -7,13 +7,16 @@ leaves no trace in the VPC's firewall.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import subprocess
+import time
 
 import pytest
 
 from nubes.model.network import PortRecord
 from nubes.store.keys import Kind, resource_key
 from tests.support.network_lab import (
+    BOOT_TIMEOUT,
+    OPEN,
     SSH_OPTIONS,
     NetLab,
     Outside,
@@ -26,12 +29,6 @@ from tests.support.network_lab import (
 
 pytestmark = pytest.mark.integration
 
-BOOT_TIMEOUT = 90.0
-OPEN: list[dict[str, Any]] = [
-    {"direction": "ingress", "protocol": "icmp"},
-    {"direction": "ingress", "protocol": "tcp", "port_min": 22, "port_max": 22},
-    {"direction": "egress"},
-]
 OUTSIDE_ROUTER = "198.19.200.1"
 VPC_GATEWAY = "198.19.200.2"
 FLOATING = "198.19.200.10"
@@ -103,9 +100,27 @@ async def test_a_floating_ip_reaches_its_vm_from_outside_and_snat_names_the_vms(
 
         # Taken from its port: unreachable, gone from the firewall, status down, and the
         # VM now goes out as the gateway address.
-        since = net.lab.mark(fip)
-        await net.set_floating_ip(fip, external, FLOATING, None)
-        await net.lab.wait_state(fip, "down", since=since)
+        # A ping running across the change (one ICMP id, one conntrack entry) stops too.
+        pinger = await asyncio.create_subprocess_exec(
+            *["ip", "netns", "exec", outside.netns, "ping", "-n", "-D", "-i", "0.2", FLOATING],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            await asyncio.sleep(1.0)
+            since = net.lab.mark(fip)
+            await net.set_floating_ip(fip, external, FLOATING, None)
+            await net.lab.wait_state(fip, "down", since=since)
+            removed_at = time.time()
+            await asyncio.sleep(2.0)
+        finally:
+            pinger.terminate()
+            raw, _ = await asyncio.wait_for(pinger.communicate(), 10)
+        output = raw.decode()
+        replies = [
+            float(line[1:].split("]")[0]) for line in output.splitlines() if "bytes from" in line
+        ]
+        assert replies, output  # it did flow before
+        assert [t for t in replies if t > removed_at + 0.3] == [], output
         assert not mentions(netns, FLOATING)
         assert not await asyncio.to_thread(ping, outside.netns, FLOATING, count=2, wait=1.0)
         assert ssh_from_outside(net, outside, FLOATING, "hostname").startswith("failed")
