@@ -67,6 +67,15 @@ def external_bridge(lab_prefix: str) -> str:
     return f"{lab_prefix}eb"
 
 
+# How long a tiny guest may take to print a line under TCG on a busy 2-core machine.
+BOOT_TIMEOUT = 90.0
+# Security group rules: SSH in, all egress; and the same with ping in.
+SSH_ONLY: list[dict[str, Any]] = [
+    {"direction": "ingress", "protocol": "tcp", "port_min": 22, "port_max": 22},
+    {"direction": "egress"},
+]
+OPEN: list[dict[str, Any]] = [{"direction": "ingress", "protocol": "icmp"}, *SSH_ONLY]
+
 # The [agent] lines a networking lab needs: its own external bridge.
 NETWORK_SETTINGS = 'external_bridges = { external = "{prefix}eb" }\n'
 

@@ -10,23 +10,16 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
 import pytest
 
 from nubes.agent.network.names import tap_name
 from nubes.model.network import PortRecord
 from nubes.store.keys import Kind
-from tests.support.network_lab import NetLab, boot, in_netns, until
+from tests.support.network_lab import BOOT_TIMEOUT, OPEN, NetLab, boot, in_netns, until
 
 pytestmark = pytest.mark.integration
 
-BOOT_TIMEOUT = 90.0
-OPEN: list[dict[str, Any]] = [
-    {"direction": "ingress", "protocol": "icmp"},
-    {"direction": "ingress", "protocol": "tcp", "port_min": 22, "port_max": 22},
-    {"direction": "egress"},
-]
 META = "http://169.254.169.254/openstack/latest/meta_data.json"
 
 

@@ -16,11 +16,10 @@ import pytest
 from nubes.ipam import slaac_address
 from nubes.model.network import PortRecord
 from nubes.store.keys import Kind, resource_key
-from tests.support.network_lab import NetLab, ping
+from tests.support.network_lab import BOOT_TIMEOUT, NetLab, ping
 
 pytestmark = pytest.mark.integration
 
-BOOT_TIMEOUT = 90.0
 OPEN_ICMP_SSH = [
     {"direction": "ingress", "protocol": "icmp"},
     {"direction": "ingress", "ethertype": "ipv6", "protocol": "icmpv6"},

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.network_lab import NetLab, boot, in_netns, ping
+from tests.support.network_lab import BOOT_TIMEOUT, NetLab, boot, in_netns, ping
 
 pytestmark = pytest.mark.integration
 
-BOOT_TIMEOUT = 90.0
 OPEN: list[dict[str, Any]] = [
     {"direction": "ingress", "protocol": "icmp"},
     {"direction": "ingress", "protocol": "tcp", "port_min": 22, "port_max": 22},

@@ -20,6 +20,9 @@ from nubes.agent.network.names import bridge_name, tap_name
 from nubes.model.network import PortRecord
 from nubes.store.keys import Kind
 from tests.support.network_lab import (
+    BOOT_TIMEOUT,
+    OPEN,
+    SSH_ONLY,
     Capture,
     NetLab,
     SubnetNamespace,
@@ -32,13 +35,7 @@ from tests.support.network_lab import (
 
 pytestmark = pytest.mark.integration
 
-BOOT_TIMEOUT = 90.0
 META = "http://169.254.169.254/openstack/latest/meta_data.json"
-SSH_ONLY: list[dict[str, Any]] = [
-    {"direction": "ingress", "protocol": "tcp", "port_min": 22, "port_max": 22},
-    {"direction": "egress"},
-]
-OPEN: list[dict[str, Any]] = [{"direction": "ingress", "protocol": "icmp"}, *SSH_ONLY]
 # Serves "web-<hostname>" on ports 8080 and 8081 (busybox httpd daemonizes).
 WEB_SERVERS = (
     "#!/bin/sh\nmkdir -p /srv/www\necho web-$(hostname) > /srv/www/index.html\n"
