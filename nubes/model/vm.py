@@ -58,6 +58,14 @@ class VmSpec(Model):
     autostart: bool = Field(default=True, description="start again after the host reboots")
     cpu_weight: int = Field(default=100, ge=1, le=10_000, description="cgroup cpu.weight")
     vnc: bool = False
+    host_labels: dict[str, str] = Field(
+        default_factory=dict, description="the scheduler only picks hosts with these labels"
+    )
+    anti_affinity_group: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="never on a host that runs another VM of this group",
+    )
 
 
 class VmRecord(Model):

@@ -3,6 +3,7 @@
 /nubes/<kind>/<id>            spec and metadata of a resource
 /nubes/<kind>/<id>/status     observed status, written by its owner only
 /nubes/hosts/<name>/alive     lease-bound heartbeat of a host's agent
+/nubes/hosts/<name>/allocations  what the scheduler bound to the host (its CAS guard)
 """
 
 from __future__ import annotations
@@ -55,3 +56,8 @@ def host_alive_key(host: str) -> str:
 def _check_name(name: str) -> None:
     if not name or "/" in name or not name.isascii() or not name.isprintable():
         raise ValueError(f"a record name is printable ASCII without '/', got {name!r}")
+
+
+def host_allocations_key(host: str) -> str:
+    """The scheduler's record of the VMs bound to a host and their sizes."""
+    return f"{resource_key(Kind.HOST, host)}/allocations"

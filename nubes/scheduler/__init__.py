@@ -1,0 +1,1 @@
+"""The scheduler: picks a host for each VM (filters, then weighers) and binds it."""
