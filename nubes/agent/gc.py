@@ -20,14 +20,13 @@ from nubes.agent.compute.cgroup import CpuWeights
 from nubes.agent.compute.process import scan_qemu_processes, signal_process, wait_exited
 from nubes.agent.network import names
 from nubes.agent.network.dhcp import Dnsmasq
-from nubes.agent.network.links import delete_netns, list_netns
+from nubes.agent.network.links import delete_link, delete_netns, list_netns
 from nubes.agent.paths import AgentPaths
-from nubes.errors import CommandFailed, InvalidInput
+from nubes.errors import InvalidInput
 from nubes.ids import IdKind, is_id
 from nubes.model.network import PortRecord
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
-from nubes.process import run_tool_async
 from nubes.store.base import Store
 from nubes.store.keys import Kind, kind_prefix, resource_key
 
@@ -177,21 +176,16 @@ async def _network_orphan_removed(
     store: Store, host: str, prefix: str, paths: AgentPaths, orphan: Orphan
 ) -> bool:
     if orphan.kind is OrphanKind.LINK:
-        await _delete_host_link(orphan.where)
+        await delete_link(None, orphan.where)
         return True
     if orphan.id in await _vpcs_in_use(store, host):
         return False
     directory = paths.run_dir / "vpcs" / orphan.id
     await Dnsmasq(orphan.where, directory, marker=f"nubes:{prefix}").stop()
-    await _delete_host_link(names.external_host_link(prefix, orphan.id))
+    await delete_link(None, names.external_host_link(prefix, orphan.id))
     await delete_netns(orphan.where)
     _remove_path(directory)
     return True
-
-
-async def _delete_host_link(name: str) -> None:
-    with contextlib.suppress(CommandFailed):
-        await run_tool_async(["ip", "link", "del", name])
 
 
 async def _still_bound(store: Store, kind: Kind, name: str, host: str) -> bool:

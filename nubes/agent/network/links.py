@@ -398,15 +398,16 @@ async def ensure_tap(netns: str, name: str, *, bridge: str, mtu: int) -> None:
             await _set_up(ipr, link, mtu=mtu, master=master)
 
 
-async def delete_link(netns: str, name: str) -> None:
-    """Link `name` is not in `netns` (nor is the namespace, which is fine too).
+async def delete_link(netns: str | None, name: str) -> None:
+    """Link `name` is not in `netns` (None: the agent's own namespace); a missing
+    namespace is fine too.
 
     Raises:
         LinkError: it exists and netlink refused to delete it.
     """
-    if not nsutil.netns_exists(netns):
+    if netns is not None and not nsutil.netns_exists(netns):
         return
-    with _failing_as(f"delete link {name} in namespace {netns}"):
+    with _failing_as(f"delete link {name} in {_where(netns)}"):
         async with _rtnl(netns) as ipr:
             link = await _link(ipr, name)
             if link is not None:
@@ -515,11 +516,7 @@ async def remove_external(netns: str, *, host_link: str) -> None:
     Raises:
         LinkError: it exists and netlink refused to delete it.
     """
-    with _failing_as(f"remove the external link {host_link} of namespace {netns}"):
-        async with _rtnl(None) as host:
-            outer = await _link(host, host_link)
-            if outer is not None:
-                await _delete_index(host, outer["index"])
+    await delete_link(None, host_link)
 
 
 async def _proxy_entries(ipr: Any) -> AsyncIterator[Any]:
