@@ -68,7 +68,7 @@ class NetworkManager:
         self._spawn = spawn
         self._claims: dict[str, _Claim] = {}
         self._controllers: dict[str, VpcController] = {}
-        # (vpc, address) -> port id, for the ports whose source address can be trusted
+        # (vpc, address) -> VM id, for the ports whose source address can be trusted
         self._identities: dict[str, dict[IpAddress, str]] = {}
 
     async def start(self) -> None:
@@ -291,19 +291,16 @@ class NetworkManager:
             return
         identities: dict[IpAddress, str] = {}
         for port in plan.ports:
-            if not port.port_security:
+            if not port.port_security or port.vm_id is None:
                 continue  # its source address proves nothing
             addresses: list[IpAddress] = [*port.ipv4, *port.ipv6, port.ipv6_link_local]
             for address in addresses:
-                identities[address] = port.port_id
+                identities[address] = port.vm_id
         self._identities[vpc_id] = identities
 
     def resolve(self, vpc_id: str, source: IpAddress) -> InstanceMetadata | None:
         """The VM that owns `source` in `vpc_id` on this host, as the metadata service shows it."""
-        port_id = self._identities.get(vpc_id, {}).get(source)
-        if port_id is None:
-            return None
-        vm_id = self.claimed_ports(vpc_id).get(port_id)
+        vm_id = self._identities.get(vpc_id, {}).get(source)
         vm = self.ctx.vms.get(vm_id) if vm_id is not None else None
         if vm is None:
             return None
