@@ -63,9 +63,10 @@ async def bind(
     record: VmRecord,
     host: str,
     allocations_kv: KeyValue | None,
-) -> bool:
-    """Binds `record` (read as `vm_kv`) to `host` (allocations read as `allocations_kv`);
-    False when either record changed since it was read (read them again)."""
+) -> KeyValue | None:
+    """Binds `record` (read as `vm_kv`) to `host` (allocations read as `allocations_kv`)
+    and returns the host's allocations as now stored; None when either record changed
+    since it was read (read them again)."""
     allocations = read_allocations(allocations_kv)
     updated = HostAllocations(vms={**allocations.vms, record.id: allocation_of(record)})
     bound = record.model_copy(update={"spec": record.spec.model_copy(update={"host": host})})
@@ -75,14 +76,20 @@ async def bind(
         if allocations_kv is None
         else Compare.unchanged(allocations_kv)
     )
+    value = updated.to_json()
     result = await store.txn(
         [Compare.unchanged(vm_kv), guard],
-        [
-            Put(resource_key(Kind.VM, record.id), bound.to_json()),
-            Put(allocations_key, updated.to_json()),
-        ],
+        [Put(resource_key(Kind.VM, record.id), bound.to_json()), Put(allocations_key, value)],
     )
-    return result.succeeded
+    if not result.succeeded:
+        return None
+    return KeyValue(
+        key=allocations_key,
+        value=value,
+        create_revision=allocations_kv.create_revision if allocations_kv else result.revision,
+        mod_revision=result.revision,
+        version=(allocations_kv.version if allocations_kv else 0) + 1,
+    )
 
 
 async def release(store: Store, host: str, vm_ids: set[str]) -> None:

@@ -82,8 +82,9 @@ class Scheduler:
             if chosen is None:
                 return None, explain(refused, request)
             allocations_kv = self._allocations.get(chosen.name)
-            if await bind(self.store, kv, record, chosen.name, allocations_kv):
-                await self._refresh_host(chosen.name)
+            stored = await bind(self.store, kv, record, chosen.name, allocations_kv)
+            if stored is not None:
+                self._remember(chosen.name, stored)
                 return chosen.name, None
             # Lost a race: on the host, the VM, or both. Look again at each.
             await self._refresh_host(chosen.name)
@@ -139,7 +140,9 @@ class Scheduler:
         }
 
     async def _refresh_host(self, name: str) -> None:
-        kv = await self.store.get(host_allocations_key(name))
+        self._remember(name, await self.store.get(host_allocations_key(name)))
+
+    def _remember(self, name: str, kv: KeyValue | None) -> None:
         self._allocations[name] = kv
         allocations = read_allocations(kv)
         self._hosts[name] = replace(
