@@ -18,7 +18,15 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nubes.errors import ConfigError
 
@@ -141,12 +149,35 @@ class AgentConfig(_Section):
         return value
 
 
+class ApiConfig(_Section):
+    """[api]: the HTTP API."""
+
+    listen: str = Field(
+        default="127.0.0.1", description="address the API binds; 0.0.0.0 exposes it to the network"
+    )
+    port: int = Field(default=8686, ge=1, le=65535)
+    tls_cert: Path | None = Field(default=None, description="PEM certificate: serve HTTPS")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    token_ttl_hours: float = Field(default=12, gt=0, le=24 * 365)
+    import_allow: Annotated[list[str], BeforeValidator(_comma_separated)] = Field(
+        default_factory=list,
+        description="hosts image import may fetch URLs from ('*' for any); empty refuses URLs",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+
 class NubesConfig(_Section):
     """All nubes settings."""
 
     state_dir: Path = Path("/var/lib/nubes")
     store: StoreConfig = Field(default_factory=StoreConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
     @property
     def image_dir(self) -> Path:

@@ -74,6 +74,26 @@ class Conflict(NubesError):
     http_status = 409
 
 
+class Unauthorized(NubesError):
+    """No credentials, or a token that is unknown, expired or revoked."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(NubesError):
+    """The caller is known but its role may not do this (never used to hide a resource)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class QuotaExceeded(Conflict):
+    """The request would take the project past its quota."""
+
+    code = "quota_exceeded"
+
+
 class CommandFailed(NubesError):
     """A host tool nubes ran exited with an error."""
 

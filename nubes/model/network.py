@@ -167,6 +167,9 @@ class PortSpec(Model):
     port_security: bool = Field(default=True, description="anti-spoofing and security groups")
     vm: str | None = Field(default=None, description="the VM it is plugged into")
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    auto_delete: bool = Field(
+        default=False, description="made with its VM; deleted when the VM is deleted"
+    )
 
     @field_validator("mac")
     @classmethod

@@ -46,6 +46,22 @@ def check_key(key: str) -> bytes:
     return key.encode("ascii")
 
 
+def range_start(prefix: str, start: str | None) -> str:
+    """Where a range over `prefix` begins when resumed at `start`.
+
+    `start` may end in one NUL to mean "just after that key" (how pages resume).
+
+    Raises:
+        ValueError: `start` is not under `prefix`.
+    """
+    if start is None:
+        return prefix
+    if not start.startswith(prefix):
+        raise ValueError(f"range start {start!r} is not under {prefix!r}")
+    check_key(start.removesuffix("\x00"))
+    return start
+
+
 def prefix_end(prefix: str) -> str:
     """The smallest key greater than every key that starts with `prefix`."""
     check_key(prefix)
@@ -267,8 +283,13 @@ class Store(_Closing):
         """The key's current value, or None when it does not exist."""
 
     @abc.abstractmethod
-    async def range(self, prefix: str, *, limit: int | None = None) -> RangeResult:
-        """Every key starting with `prefix`, in key order, read at one revision."""
+    async def range(
+        self, prefix: str, *, limit: int | None = None, start: str | None = None
+    ) -> RangeResult:
+        """Every key starting with `prefix`, in key order, read at one revision.
+
+        `start` (a key under `prefix`) skips the keys before it: pages resume there.
+        """
 
     @abc.abstractmethod
     async def put(self, key: str, value: JsonValue, *, lease: int = 0) -> int:

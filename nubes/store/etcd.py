@@ -43,6 +43,7 @@ from nubes.store.base import (
     decode_value,
     encode_value,
     prefix_end,
+    range_start,
 )
 
 T = TypeVar("T")
@@ -240,10 +241,12 @@ class EtcdStore(Store):
         )
         return _kv(response.kvs[0]) if response.kvs else None
 
-    async def range(self, prefix: str, *, limit: int | None = None) -> RangeResult:
-        response = await self._call(
-            self._kv_stub.Range, _range_request(prefix, prefix=True, limit=limit), idempotent=True
-        )
+    async def range(
+        self, prefix: str, *, limit: int | None = None, start: str | None = None
+    ) -> RangeResult:
+        request = _range_request(prefix, prefix=True, limit=limit)
+        request.key = range_start(prefix, start).encode("ascii")
+        response = await self._call(self._kv_stub.Range, request, idempotent=True)
         return RangeResult([_kv(kv) for kv in response.kvs], int(response.header.revision))
 
     async def put(self, key: str, value: JsonValue, *, lease: int = 0) -> int:

@@ -4,6 +4,9 @@
 /nubes/<kind>/<id>/status     observed status, written by its owner only
 /nubes/hosts/<name>/alive     lease-bound heartbeat of a host's agent
 /nubes/hosts/<name>/allocations  what the scheduler bound to the host (its CAS guard)
+/nubes/projects/<name>/usage     what a project holds, against its quota
+/nubes/names/<kind>/<project>/<name>  -> id: makes names unique per project and findable
+/nubes/claims/<what>/<value>     -> id: one owner for an address, a VNI, ...
 """
 
 from __future__ import annotations
@@ -61,3 +64,22 @@ def _check_name(name: str) -> None:
 def host_allocations_key(host: str) -> str:
     """The scheduler's record of the VMs bound to a host and their sizes."""
     return f"{resource_key(Kind.HOST, host)}/allocations"
+
+
+def usage_key(project: str) -> str:
+    """What a project holds, changed in the same transaction as the records it counts."""
+    return f"{resource_key(Kind.PROJECT, project)}/usage"
+
+
+def name_key(kind: Kind, project: str, name: str) -> str:
+    """The guard that makes `name` unique among a project's resources of `kind`."""
+    _check_name(project)
+    _check_name(name)
+    return f"{ROOT}names/{kind.value}/{project}/{name}"
+
+
+def claim_key(what: str, value: str) -> str:
+    """The guard that gives `value` (an address in a subnet, a VNI) to one owner."""
+    _check_name(what)
+    _check_name(value)
+    return f"{ROOT}claims/{what}/{value}"

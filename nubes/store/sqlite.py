@@ -42,6 +42,7 @@ from nubes.store.base import (
     decode_value,
     encode_value,
     prefix_end,
+    range_start,
 )
 from nubes.store.bell import ChangeBell, bell_directory
 
@@ -329,12 +330,15 @@ class SqliteStore(Store):
         row = await self._retry_busy(lambda: self._db.execute(_SELECT_KEY, (key,)).fetchone())
         return None if row is None else _kv_from_row(row)
 
-    async def range(self, prefix: str, *, limit: int | None = None) -> RangeResult:
+    async def range(
+        self, prefix: str, *, limit: int | None = None, start: str | None = None
+    ) -> RangeResult:
         check_key(prefix)
+        first = range_start(prefix, start)
 
         def read(connection: sqlite3.Connection) -> RangeResult:
             rows = connection.execute(
-                _SELECT_RANGE, (prefix, prefix_end(prefix), -1 if limit is None else limit)
+                _SELECT_RANGE, (first, prefix_end(prefix), -1 if limit is None else limit)
             ).fetchall()
             (revision,) = connection.execute(
                 "SELECT value FROM meta WHERE name = 'revision'"

@@ -65,6 +65,18 @@ async def test_range_returns_keys_under_the_prefix_in_key_order(store: Store) ->
     assert [kv.value for kv in limited.kvs] == ["a", "b"]
 
 
+async def test_range_resumes_at_a_start_key_for_paging(store: Store) -> None:
+    prefix = unique_prefix("range-start")
+    for name in ["a", "b", "c", "d"]:
+        await store.put(prefix + name, name)
+    page = await store.range(prefix, start=prefix + "b", limit=2)
+    assert [kv.value for kv in page.kvs] == ["b", "c"]
+    rest = await store.range(prefix, start=prefix + "c\x00")
+    assert [kv.value for kv in rest.kvs] == ["d"]
+    with pytest.raises(ValueError, match="not under"):
+        await store.range(prefix, start="/elsewhere/a")
+
+
 async def test_delete_with_prefix_removes_every_key_under_it(store: Store) -> None:
     prefix = unique_prefix("prefix-delete")
     for index in range(5):

@@ -1,0 +1,127 @@
+"""The HTTP API: one FastAPI app under /v1, JSON errors with stable codes, OpenAPI.
+
+Every error a client can get has the body `{"code", "message", "hint"?}` (ErrorBody),
+including malformed requests and unknown routes; the OpenAPI document says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nubes import __version__
+from nubes.api.context import ApiContext
+from nubes.errors import NubesError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    hint: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in [
+        (400, "the request is malformed"),
+        (401, "no valid token"),
+        (403, "the caller's role may not do this"),
+        (404, "no such resource in the caller's project"),
+        (409, "conflicts with the current state, or over quota"),
+        (422, "a field is invalid"),
+        (503, "the store is unavailable"),
+    ]
+}
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The API app serving `ctx`'s store."""
+    from nubes.api.routes import ROUTERS
+
+    app = FastAPI(
+        title="nubes",
+        version=__version__,
+        description="A small, complete IaaS cloud. Authenticate with `Authorization: Bearer`.",
+        responses=ERROR_RESPONSES,
+    )
+    app.state.nubes = ctx
+    app.add_exception_handler(NubesError, _nubes_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    health = APIRouter()
+
+    @health.get(f"{API_PREFIX}/health", tags=["health"])
+    async def get_health() -> Health:
+        """Whether the API answers (no token needed)."""
+        return Health(status="ok", version=__version__)
+
+    app.include_router(health)
+    for router in ROUTERS:
+        app.include_router(router, prefix=API_PREFIX)
+    return app
+
+
+def error_response(error: NubesError) -> JSONResponse:
+    return JSONResponse(status_code=error.http_status, content=error.to_dict())
+
+
+async def _nubes_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, NubesError)
+    if error.http_status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, error)
+    return error_response(error)
+
+
+async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+        problems.append(f"{where or 'body'}: {problem.get('msg', 'invalid')}")
+    body = ErrorBody(
+        code="invalid_input",
+        message="; ".join(problems) or "the request is invalid",
+        hint="fix the fields named and send it again; /openapi.json describes every field",
+    )
+    return JSONResponse(status_code=422, content=body.model_dump(exclude_none=True))
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+    code = codes.get(error.status_code, "http_error")
+    message = str(error.detail)
+    if error.status_code == 404:
+        message = f"there is no {request.url.path} in this API"
+    body = ErrorBody(code=code, message=message, hint="see /openapi.json for the routes")
+    return JSONResponse(
+        status_code=error.status_code,
+        content=body.model_dump(exclude_none=True),
+        headers=getattr(error, "headers", None),
+    )
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=error)
+    body = ErrorBody(
+        code="internal",
+        message="the API failed on this request (a bug); the API's log has the details",
+        hint="report it with the time of the request",
+    )
+    return JSONResponse(status_code=500, content=body.model_dump(exclude_none=True))

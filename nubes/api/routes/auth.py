@@ -1,0 +1,7 @@
+"""Routes of the auth resource (being written)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["auth"])

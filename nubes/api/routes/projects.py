@@ -1,0 +1,7 @@
+"""Routes of the projects resource (being written)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["projects"])
