@@ -526,8 +526,11 @@ class SqliteStore(Store):
             if next_expiry is not None:
                 sleep = min(sleep, max(0.0, next_expiry - time.time()) + 0.001)
             self._housekeeping_wakeup.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+            # arrives as the event is set, and close() then waits for a task that lives on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._housekeeping_wakeup.wait(), sleep)
+                async with asyncio.timeout(sleep):
+                    await self._housekeeping_wakeup.wait()
 
     async def _compact_history(self) -> None:
         current = await self.current_revision()
