@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -171,12 +171,34 @@ class ApiConfig(_Section):
         return self
 
 
+class SchedulerConfig(_Section):
+    """The scheduler: how it weighs hosts and how far it lets VMs overcommit them."""
+
+    strategy: Literal["spread", "pack"] = Field(
+        default="spread",
+        description="spread: the host with the most room left; pack: the fullest that fits",
+    )
+    cpu_overcommit: float = Field(
+        default=4.0, ge=1.0, le=64.0, description="vCPUs bound per real CPU, at most"
+    )
+    memory_overcommit: float = Field(
+        default=1.0, ge=0.1, le=8.0, description="memory bound per MiB of the host, at most"
+    )
+    disk_overcommit: float = Field(
+        default=1.0, ge=0.1, le=64.0, description="disk bound per GB of the host, at most"
+    )
+    resync_interval: float = Field(
+        default=30.0, gt=0, le=3600, description="seconds between full passes behind the watches"
+    )
+
+
 class NubesConfig(_Section):
     """All nubes settings."""
 
     state_dir: Path = Path("/var/lib/nubes")
     store: StoreConfig = Field(default_factory=StoreConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
 
     @property

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from nubes.errors import InvalidInput
-from nubes.model.common import now
 from nubes.model.host import HostRecord
-from nubes.model.vm import VmRecord, VmState, VmStatus
-from nubes.scheduler.binding import bind, read_allocations
+from nubes.model.vm import VmRecord
+from nubes.scheduler.binding import bind, read_allocations, report_unschedulable
+from nubes.scheduler.daemon import range_all
 from nubes.scheduler.filters import (
     HostState,
     Overcommit,
@@ -25,8 +25,8 @@ from nubes.scheduler.filters import (
     passing_hosts,
 )
 from nubes.scheduler.weighers import Strategy, best_host
-from nubes.store.base import Compare, KeyValue, Put, Store
-from nubes.store.keys import Kind, host_allocations_key, kind_prefix, status_key
+from nubes.store.base import KeyValue, Store
+from nubes.store.keys import Kind, host_allocations_key, kind_prefix
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Scheduler:
                 result.bound[record.id] = host
             elif reason is not None:
                 result.unschedulable[record.id] = reason
-                await self._report_unschedulable(record.id, reason)
+                await report_unschedulable(self.store, record.id, reason)
         return result
 
     async def place(self, kv: KeyValue, record: VmRecord) -> tuple[str | None, str | None]:
@@ -103,7 +103,7 @@ class Scheduler:
 
     async def _unbound(self) -> list[tuple[KeyValue, VmRecord]]:
         found = []
-        for kv in (await self.store.range(kind_prefix(Kind.VM))).kvs:
+        for kv in (await range_all(self.store, kind_prefix(Kind.VM))).kvs:
             if kv.key.count("/") != 3:
                 continue
             try:
@@ -117,7 +117,7 @@ class Scheduler:
 
     async def refresh_hosts(self) -> None:
         """Reads every host's record, heartbeat and allocations into the snapshot."""
-        listed = (await self.store.range(kind_prefix(Kind.HOST))).kvs
+        listed = (await range_all(self.store, kind_prefix(Kind.HOST))).kvs
         records: dict[str, HostRecord] = {}
         alive: set[str] = set()
         allocations: dict[str, KeyValue] = {}
@@ -166,23 +166,6 @@ class Scheduler:
             used_disk_gb=allocations.disk_gb,
             anti_affinity_groups=allocations.groups,
         )
-
-    async def _report_unschedulable(self, vm_id: str, reason: str) -> None:
-        """No agent owns a VM without a host, so the scheduler says why it has none."""
-        key = status_key(Kind.VM, vm_id)
-        kv = await self.store.get(key)
-        if kv is not None:
-            try:
-                current = VmStatus.from_json(kv.value)
-            except InvalidInput:
-                current = None
-            if current is not None and current.reason == reason:
-                return
-            if current is not None and current.state not in (VmState.PENDING, VmState.ERROR):
-                return
-        status = VmStatus(state=VmState.ERROR, reason=reason, updated_at=now())
-        guard = Compare.absent(key) if kv is None else Compare.unchanged(kv)
-        await self.store.txn([guard], [Put(key, status.to_json())])
 
     def hosts(self) -> Iterable[HostState]:
         return self._hosts.values()
