@@ -15,10 +15,10 @@ from pathlib import Path
 from nubes import __version__
 from nubes.agent.compute.qemu_cmdline import Accelerator
 from nubes.config import Accel
-from nubes.errors import LeaseNotFound, StoreError
+from nubes.errors import InvalidInput, LeaseNotFound, StoreError
 from nubes.model.common import now
 from nubes.model.host import HostCapacity, HostRecord
-from nubes.store.base import Store
+from nubes.store.base import Compare, Put, Store
 from nubes.store.keys import Kind, host_alive_key, resource_key
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,21 @@ class HostRegistration:
         Raises:
             StoreError: the store cannot be written.
         """
-        await self._store.put(resource_key(Kind.HOST, self._record.name), self._record.to_json())
+        key = resource_key(Kind.HOST, self._record.name)
+        for _ in range(8):
+            kv = await self._store.get(key)
+            record = self._record
+            if kv is not None:
+                # Labels belong to the operator (PATCH /v1/hosts): a restart keeps them.
+                with contextlib.suppress(InvalidInput):
+                    previous = HostRecord.from_json(kv.value)
+                    record = record.model_copy(update={"labels": previous.labels})
+            guard = Compare.absent(key) if kv is None else Compare.unchanged(kv)
+            if (await self._store.txn([guard], [Put(key, record.to_json())])).succeeded:
+                self._record = record
+                break
+        else:
+            await self._store.put(key, self._record.to_json())
         await self._grant()
         self._task = asyncio.create_task(self._beat(), name=f"heartbeat {self._record.name}")
 
