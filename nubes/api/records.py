@@ -323,14 +323,18 @@ class Records:
         if guards.usage is not None:
             updated = updated.plus(guards.usage)
             project_kv = await self.store.get(resource_key(Kind.PROJECT, project))
-            if project_kv is not None:
-                quota = ProjectRecord.from_json(project_kv.value).quota
-                over = [item for item in updated.over(quota) if item not in current.over(quota)]
-                if over:
-                    raise QuotaExceeded(
-                        f"project {project} would go over its quota: {', '.join(over)}",
-                        hint="delete something first, or ask an admin to raise the quota",
-                    )
+            if project_kv is None:
+                raise NotFound(
+                    f"project {project} no longer exists",
+                    hint="log into an existing project with `nubes login --project`",
+                )
+            quota = ProjectRecord.from_json(project_kv.value).quota
+            over = [item for item in updated.over(quota) if item not in current.over(quota)]
+            if over:
+                raise QuotaExceeded(
+                    f"project {project} would go over its quota: {', '.join(over)}",
+                    hint="delete something first, or ask an admin to raise the quota",
+                )
         if guards.freed is not None:
             updated = updated.minus(guards.freed)
         check = Compare.absent(key) if kv is None else Compare.unchanged(kv)

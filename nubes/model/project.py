@@ -55,6 +55,9 @@ class Usage(Model):
             }
         )
 
+    def is_zero(self) -> bool:
+        return all(getattr(self, name) == 0 for name in Usage.model_fields)
+
     def over(self, quota: Quota) -> list[str]:
         """The counts that exceed `quota`, as `name used/limit` strings."""
         return [
@@ -77,6 +80,9 @@ class UserRecord(Model):
     projects: list[str] = Field(default_factory=list, max_length=256)
     password_hash: str = Field(description="argon2id")
     totp_secret: str | None = Field(default=None, description="base32; set when TOTP is on")
+    totp_pending: str | None = Field(
+        default=None, description="base32; enabled but not yet confirmed with a code"
+    )
     created_at: datetime
 
 
