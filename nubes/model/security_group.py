@@ -6,16 +6,19 @@ A new group allows all egress (one rule per IP version), as in EC2 and Neutron; 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, field_validator, model_validator
 
 from nubes.model.common import NAME_PATTERN, Model
 
 MAX_RULES = 2000
+RULE_ID_PATTERN = r"^[a-z0-9]{6,16}$"
 
 
 class Direction(StrEnum):
@@ -36,7 +39,7 @@ class Protocol(StrEnum):
     ANY = "any"
 
 
-class SecurityGroupRule(Model):
+class SecurityGroupRuleSpec(Model):
     """Allows traffic. For tcp/udp, `port_min`..`port_max` (none = every port); for icmp
     and icmpv6, `port_min` is the ICMP type (none = every type). The remote end is a CIDR
     or the ports of a group (none = anywhere)."""
@@ -100,6 +103,32 @@ class SecurityGroupRule(Model):
         if self.port_min is None or self.protocol not in (Protocol.TCP, Protocol.UDP):
             return None
         return self.port_min, self.port_max if self.port_max is not None else self.port_min
+
+    def content_id(self) -> str:
+        """A short id derived from what the rule allows: equal rules get equal ids."""
+        document = self.model_dump(mode="json")
+        fields = {name: document[name] for name in SecurityGroupRuleSpec.model_fields}
+        canonical = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+class SecurityGroupRule(SecurityGroupRuleSpec):
+    """A rule of a group, with the id it is deleted by. Records written before rules had
+    ids get the content id when read, so the id of a rule never changes."""
+
+    id: str = Field(
+        default="",  # filled in by _default_id before validation
+        pattern=RULE_ID_PATTERN,
+        description="stable short id; derived from the rule when not given",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id"):
+            fields = {name: value for name, value in data.items() if name != "id"}
+            return {**fields, "id": SecurityGroupRuleSpec.model_validate(fields).content_id()}
+        return data
 
 
 def default_rules() -> list[SecurityGroupRule]:
