@@ -1,7 +1,9 @@
-"""Fetch an image file from a local path or an http(s) URL into a new file, hashing it on the way.
+"""Fetch an image file from a local path, an http(s) URL or an upload's byte stream into a
+new file, hashing it on the way.
 
 The size limit is enforced while the bytes flow, so neither a lying Content-Length nor a
-compressed response can fill the disk; other URL schemes are refused before any I/O.
+compressed response can fill the disk; other URL schemes are refused before any I/O, and
+with an allow-list every hop of a download (redirects too) must go to an allowed host.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from nubes.errors import ImageInvalid, InvalidInput
+from nubes.errors import ImageInvalid, InvalidInput, NubesError
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes done, bytes in all or None when unknown) as a file arrives."""
@@ -31,10 +33,46 @@ _CHUNK = 1 << 20
 _HTTP_TIMEOUT = httpx.Timeout(30.0)
 
 
+IMPORT_ALLOW_HINT = (
+    "an admin lists the hosts images may come from in the settings: "
+    'import_allow = ["images.example.org"] in the [api] section ("*" allows any host)'
+)
+
+
+class TooLarge(ImageInvalid):
+    """An image file is larger than the limit (HTTP 413)."""
+
+    code = "too_large"
+    http_status = 413
+
+
+class ImportNotAllowed(NubesError):
+    """A URL's host is not one images may be imported from on this cloud."""
+
+    code = "import_not_allowed"
+    http_status = 403
+
+
 @dataclass(frozen=True)
 class Fetched:
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Bytes that arrive from elsewhere (an upload's body): fetched like a path or a URL.
+
+    `total` is the size announced for progress reports, when known.
+    """
+
+    chunks: AsyncIterable[bytes]
+    description: str = "upload"
+    total: int | None = None
+
+
+ImageSource = str | StreamSource
+"""Where a file of an image comes from: a local path, an http(s) URL, or a stream."""
 
 
 def is_url(source: str) -> bool:
@@ -58,9 +96,42 @@ def check_source(source: str) -> None:
         )
 
 
-def describe_source(source: str) -> str:
+def check_url_allowed(url: str, allow_hosts: Collection[str]) -> None:
+    """Refuse anything but an http(s) URL whose host is in `allow_hosts` ("*" allows any).
+
+    Raises:
+        InvalidInput: `url` is not an http(s) URL.
+        ImportNotAllowed: `allow_hosts` is empty, or does not hold the URL's host.
+    """
+    if not is_url(url):
+        raise InvalidInput(
+            f"{url!r} is not a URL", hint="give an http:// or https:// URL of the image"
+        )
+    check_source(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as error:
+        raise InvalidInput(f"the URL cannot be read: {error}", hint="correct the URL") from None
+    host = (parts.hostname or "").lower().rstrip(".")
+    allowed = {entry.lower().rstrip(".") for entry in allow_hosts}
+    if not allowed:
+        raise ImportNotAllowed(
+            "importing images from URLs is turned off on this cloud", hint=IMPORT_ALLOW_HINT
+        )
+    if "*" not in allowed and host not in allowed:
+        raise ImportNotAllowed(
+            f"images may not be imported from {host or 'a URL without a host'} "
+            f"(allowed: {', '.join(sorted(allowed))})",
+            hint="upload the file instead, or " + IMPORT_ALLOW_HINT,
+        )
+
+
+def describe_source(source: ImageSource) -> str:
     """`source` as recorded for people: a URL loses its credentials, query and fragment
     (a presigned URL's token must not end up in the store); a path becomes absolute."""
+    if isinstance(source, StreamSource):
+        return source.description
     if not is_url(source):
         return str(Path(source).absolute())
     parts = urlsplit(source)
@@ -72,21 +143,36 @@ def describe_source(source: str) -> str:
 
 
 async def fetch(
-    source: str, target: Path, *, max_bytes: int, progress: Progress | None = None
+    source: ImageSource,
+    target: Path,
+    *,
+    max_bytes: int,
+    progress: Progress | None = None,
+    allow_hosts: Collection[str] | None = None,
 ) -> Fetched:
-    """Copy or download `source` into the new file `target` (mode 0600), returning its size
-    and sha256. On failure `target` is removed.
+    """Copy, download or receive `source` into the new file `target` (mode 0600), returning
+    its size and sha256. On failure `target` is removed.
+
+    With `allow_hosts` (None: no restriction), only an http(s) URL whose host, and the host
+    of every redirect, is in it is fetched: never a local path.
 
     Raises:
         InvalidInput: the scheme is not http(s); the local file does not exist or is not a
             regular file; the server cannot be reached or answers other than 200.
-        ImageInvalid: the file is larger than `max_bytes`.
+        ImportNotAllowed: `allow_hosts` does not allow the URL or a redirect's target.
+        TooLarge: the file is larger than `max_bytes` (an ImageInvalid).
+        Exception: whatever the stream of a StreamSource raises.
     """
-    check_source(source)
+    if isinstance(source, str):
+        check_source(source)
+        if allow_hosts is not None:
+            check_url_allowed(source, allow_hosts)
     try:
         with _create(target) as output:
+            if isinstance(source, StreamSource):
+                return await _receive(source, output, max_bytes, progress)
             if is_url(source):
-                return await _download(source, output, max_bytes, progress)
+                return await _download(source, output, max_bytes, progress, allow_hosts)
             return await _copy(Path(source), output, max_bytes, progress)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,15 +185,47 @@ def _create(target: Path) -> BinaryIO:
     return os.fdopen(descriptor, "wb")
 
 
+async def _receive(
+    source: StreamSource, output: BinaryIO, max_bytes: int, progress: Progress | None
+) -> Fetched:
+    if source.total is not None and source.total > max_bytes:
+        raise _too_large(source.description, max_bytes)
+    digest = hashlib.sha256()
+    done = 0
+    async for chunk in source.chunks:
+        done += len(chunk)
+        if done > max_bytes:
+            raise _too_large(source.description, max_bytes)
+        digest.update(chunk)
+        await asyncio.to_thread(output.write, chunk)
+        if progress is not None:
+            progress(done, source.total)
+    return Fetched(done, digest.hexdigest())
+
+
 async def _download(
-    url: str, output: BinaryIO, max_bytes: int, progress: Progress | None
+    url: str,
+    output: BinaryIO,
+    max_bytes: int,
+    progress: Progress | None,
+    allow_hosts: Collection[str] | None = None,
 ) -> Fetched:
     shown = describe_source(url)
     digest = hashlib.sha256()
     done = 0
+
+    async def check_hop(request: httpx.Request) -> None:
+        # Every request, redirects included: an allowed host must not bounce us elsewhere.
+        if allow_hosts is not None:
+            check_url_allowed(str(request.url), allow_hosts)
+
     try:
         async with (
-            httpx.AsyncClient(follow_redirects=True, timeout=_HTTP_TIMEOUT) as client,
+            httpx.AsyncClient(
+                follow_redirects=True,
+                timeout=_HTTP_TIMEOUT,
+                event_hooks={"request": [check_hop]},
+            ) as client,
             client.stream("GET", url) as response,
         ):
             if response.status_code != httpx.codes.OK:
@@ -181,8 +299,8 @@ def _copy_chunk(source: BinaryIO, output: BinaryIO, digest: hashlib._Hash) -> in
     return len(chunk)
 
 
-def _too_large(shown: str, max_bytes: int) -> ImageInvalid:
-    return ImageInvalid(
+def _too_large(shown: str, max_bytes: int) -> TooLarge:
+    return TooLarge(
         f"{shown} is larger than the limit of {max_bytes} bytes",
         hint="use a smaller file, or raise the limit",
     )

@@ -16,11 +16,18 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from nubes.agent.storage import qemu_img
-from nubes.agent.storage.fetch import Progress, check_source, describe_source, fetch
+from nubes.agent.storage.fetch import (
+    ImageSource,
+    Progress,
+    check_source,
+    describe_source,
+    fetch,
+)
 from nubes.agent.storage.qemu_img import DiskInfo
 from nubes.errors import CommandFailed, Conflict, ImageInvalid, InvalidInput, NotFound
 from nubes.ids import IdKind, new_id, validate_id
@@ -28,7 +35,7 @@ from nubes.model.common import NAME_PATTERN, now
 from nubes.model.image import ImageFile, ImageFormat, ImageRecord
 from nubes.model.volume import MAX_VOLUME_GB
 from nubes.store import Compare, Delete, Put, Store
-from nubes.store.keys import Kind, kind_prefix, resource_key
+from nubes.store.keys import Kind, kind_prefix, name_key, resource_key
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -125,7 +132,11 @@ def validate_initrd(size: int) -> None:
 
 
 def check_import_request(
-    source: str, name: str, kernel: str | None, initrd: str | None, cmdline: str | None
+    source: ImageSource,
+    name: str,
+    kernel: ImageSource | None,
+    initrd: ImageSource | None,
+    cmdline: str | None,
 ) -> None:
     """Refuse an import that cannot succeed, before anything is fetched.
 
@@ -139,7 +150,7 @@ def check_import_request(
             hint="1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     for given in (source, kernel, initrd):
-        if given is not None:
+        if isinstance(given, str):
             check_source(given)
     if kernel is None and (initrd is not None or cmdline is not None):
         raise InvalidInput("an initrd or a kernel command line needs a kernel", hint="add --kernel")
@@ -147,50 +158,82 @@ def check_import_request(
         raise InvalidInput("the kernel command line is longer than 4096 characters")
 
 
+Register = Callable[[ImageRecord], Awaitable[None]]
+"""Writes the record of an image whose files are in place (with whatever guards it needs)."""
+
+
 async def import_image(
     store: Store,
     image_dir: Path,
-    source: str,
+    source: ImageSource,
     *,
     name: str,
     project: str = "default",
-    kernel: str | None = None,
-    initrd: str | None = None,
+    kernel: ImageSource | None = None,
+    initrd: ImageSource | None = None,
     cmdline: str | None = None,
     progress: Progress | None = None,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_virtual_size: int = MAX_VIRTUAL_SIZE,
     disk_format: ImageFormat | None = None,
+    image_id: str | None = None,
+    public: bool = False,
+    allow_hosts: Collection[str] | None = None,
+    register: Register | None = None,
+    on_file: Callable[[str], None] | None = None,
 ) -> ImageRecord:
-    """Fetch, validate and register an image; sources are local paths or http(s) URLs.
+    """Fetch, validate and register an image; sources are local paths, http(s) URLs or
+    streams (an upload), read in the order kernel, initrd, disk.
 
     `progress` hears (bytes done, total or None) for each file in turn (kernel, initrd,
-    then disk), counting from 0 for each. On any failure no file and no record remain.
+    then disk), counting from 0 for each. With `allow_hosts`, only URLs to those hosts are
+    fetched (see fetch). `register` writes the record (default: a plain create). `on_file`
+    hears the name of each file ("kernel", "initrd", "disk") as it starts. On any failure
+    no file and no record remain.
 
     Raises:
         InvalidInput: a bad name or source (see check_import_request), a source that
             cannot be read or downloaded.
-        ImageInvalid: a file is larger than allowed, or a disk, kernel or initrd nubes
-            will not run (see validate_disk, validate_kernel, validate_initrd).
-        Conflict: the new id is taken already (practically never; import again).
+        ImportNotAllowed: `allow_hosts` refuses a URL.
+        ImageInvalid: a file is larger than allowed (TooLarge), or a disk, kernel or initrd
+            nubes will not run (see validate_disk, validate_kernel, validate_initrd).
+        InvalidId: `image_id` is not an image id.
+        Conflict: the id is taken already (practically never; import again).
         StoreUnavailable: the record cannot be written.
+        NubesError: whatever `register` raises.
     """
     check_import_request(source, name, kernel, initrd, cmdline)
-    image_id = new_id(IdKind.IMAGE)
+    if image_id is None:
+        image_id = new_id(IdKind.IMAGE)
+    validate_id(image_id, IdKind.IMAGE)
     staging = _make_staging(image_dir, f".import-{image_id}-")
     final = image_dir / image_id
     published = False
     try:
         kernel_file = initrd_file = None
+        started = on_file or (lambda _name: None)
         if kernel is not None:
-            kernel_file = await _fetch_kernel(kernel, staging / "kernel", progress)
+            started("kernel")
+            kernel_file = await _fetch_kernel(kernel, staging / "kernel", progress, allow_hosts)
         if initrd is not None:
+            started("initrd")
             fetched = await fetch(
-                initrd, staging / "initrd", max_bytes=MAX_INITRD_BYTES, progress=progress
+                initrd,
+                staging / "initrd",
+                max_bytes=MAX_INITRD_BYTES,
+                progress=progress,
+                allow_hosts=allow_hosts,
             )
             validate_initrd(fetched.size)
             initrd_file = ImageFile(name="initrd", size=fetched.size, sha256=fetched.sha256)
-        fetched = await fetch(source, staging / "disk", max_bytes=max_bytes, progress=progress)
+        started("disk")
+        fetched = await fetch(
+            source,
+            staging / "disk",
+            max_bytes=max_bytes,
+            progress=progress,
+            allow_hosts=allow_hosts,
+        )
         info = await _inspect_untrusted(staging / "disk")
         expected = None if disk_format is None else disk_format.value
         validate_disk(
@@ -210,14 +253,18 @@ async def import_image(
             initrd=initrd_file,
             cmdline=cmdline,
             source=describe_source(source),
+            public=public,
             created_at=now(),
         )
         _publish(staging, final)
         published = True
-        key = resource_key(Kind.IMAGE, image_id)
-        written = await store.txn([Compare.absent(key)], [Put(key, record.to_json())])
-        if not written.succeeded:
-            raise Conflict(f"image {image_id} exists already", hint="import it again")
+        if register is not None:
+            await register(record)
+        else:
+            key = resource_key(Kind.IMAGE, image_id)
+            written = await store.txn([Compare.absent(key)], [Put(key, record.to_json())])
+            if not written.succeeded:
+                raise Conflict(f"image {image_id} exists already", hint="import it again")
     except BaseException:
         shutil.rmtree(final if published else staging, ignore_errors=True)
         raise
@@ -267,14 +314,36 @@ async def delete_image(store: Store, image_dir: Path, image_id: str) -> ImageRec
         deleted = await store.txn([Compare.unchanged(current)], [Delete(key)])
         if not deleted.succeeded:
             current = None
-    shutil.rmtree(image_dir / image_id, ignore_errors=True)
+    remove_image_files(image_dir, image_id)
     if current is None:
         raise NotFound(f"image {image_id} does not exist")
-    return ImageRecord.from_json(current.value)
+    record = ImageRecord.from_json(current.value)
+    # Names registered through the API are guarded; free the guard if it is this image's.
+    guard = await store.get(name_key(Kind.IMAGE, record.project, record.name))
+    if guard is not None and guard.value == image_id:
+        await store.txn([Compare.unchanged(guard)], [Delete(guard.key)])
+    return record
 
 
-async def _fetch_kernel(source: str, target: Path, progress: Progress | None) -> ImageFile:
-    fetched = await fetch(source, target, max_bytes=MAX_KERNEL_BYTES, progress=progress)
+def remove_image_files(image_dir: Path, image_id: str) -> None:
+    """Remove the image store's files of `image_id` (nothing when there are none).
+
+    Raises:
+        InvalidId: `image_id` is not an image id (so it never names another path).
+    """
+    validate_id(image_id, IdKind.IMAGE)
+    shutil.rmtree(image_dir / image_id, ignore_errors=True)
+
+
+async def _fetch_kernel(
+    source: ImageSource,
+    target: Path,
+    progress: Progress | None,
+    allow_hosts: Collection[str] | None = None,
+) -> ImageFile:
+    fetched = await fetch(
+        source, target, max_bytes=MAX_KERNEL_BYTES, progress=progress, allow_hosts=allow_hosts
+    )
     with target.open("rb") as stream:
         header = stream.read(BZIMAGE_MAGIC_OFFSET + len(BZIMAGE_MAGIC))
     validate_kernel(header, fetched.size)
