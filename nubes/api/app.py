@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -109,12 +110,24 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     message = str(error.detail)
     if error.status_code == 404:
         message = f"there is no {request.url.path} in this API"
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == 405:
+        # Starlette names only the first route that matched the path; list them all.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     body = ErrorBody(code=code, message=message, hint="see /openapi.json for the routes")
     return JSONResponse(
         status_code=error.status_code,
         content=body.model_dump(exclude_none=True),
-        headers=getattr(error, "headers", None),
+        headers=headers,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

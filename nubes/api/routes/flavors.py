@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import Field
 
 from nubes.api.context import CallerDep, ContextDep
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
+from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
+from nubes.api.records import Records
 from nubes.errors import Conflict
 from nubes.model.common import NAME_PATTERN, Model, now
 from nubes.model.project import FlavorRecord
@@ -43,8 +42,8 @@ async def create_flavor(body: FlavorCreate, ctx: ContextDep, caller: CallerDep) 
 async def list_flavors(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    limit: LimitQuery = DEFAULT_PAGE,
+    cursor: CursorQuery = None,
 ) -> FlavorPage:
     """The flavors, by name."""
     items, following = await Records(ctx.store).page(
