@@ -34,6 +34,7 @@ from nubes.api.auth import (
     totp_uri,
 )
 from nubes.api.context import Caller, CallerDep, ContextDep
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
 from nubes.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -217,7 +218,7 @@ async def list_tokens(
     caller: CallerDep,
     user: Annotated[str | None, Query(max_length=128, description="admins: whose")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
 ) -> TokenPage:
     """The caller's live tokens (admins may name another user), by id."""
     owner = user or caller.user
@@ -355,7 +356,7 @@ async def list_users(
     caller: CallerDep,
     project: Annotated[str | None, Query(max_length=128, description="members of")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
 ) -> UserPage:
     """The users, by name (admin)."""
     caller.require_admin("list users")

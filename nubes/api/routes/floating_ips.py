@@ -21,6 +21,7 @@ from nubes.api.netops import (
     references_key,
     takes_reference,
 )
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, InvalidInput
 from nubes.ids import IdKind, new_id
@@ -179,7 +180,7 @@ async def list_floating_ips(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     port: Annotated[str | None, Query(max_length=128, description="port id")] = None,
     address: Annotated[str | None, Query(max_length=64)] = None,
 ) -> FloatingIpPage:

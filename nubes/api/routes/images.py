@@ -28,6 +28,7 @@ from nubes.api.imageops import (
     max_image_bytes,
     public_name_claim,
 )
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, Forbidden, InvalidInput
 from nubes.ids import IdKind, is_id
@@ -199,7 +200,7 @@ async def list_images(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     public: Annotated[bool | None, Query(description="only public (true) or own (false)")] = None,
 ) -> ImagePage:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import Field, ValidationError
 
 from nubes.api.context import CallerDep, ContextDep
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records, not_found
 from nubes.errors import Conflict, InvalidInput
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -108,7 +109,7 @@ async def list_keypairs(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
 ) -> KeypairPage:
     """The project's key pairs, by name."""
     prefix = resource_key(Kind.KEYPAIR, keypair_key_name(caller.project, ""))

@@ -33,6 +33,7 @@ from nubes.api.netops import (
     takes_reference,
     vni_claim_key,
 )
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput
 from nubes.ids import IdKind, new_id
@@ -195,7 +196,7 @@ async def list_networks(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     external: Annotated[
         bool | None, Query(description="only external networks, or only VPCs")
@@ -444,7 +445,7 @@ async def list_subnets(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     network: Annotated[str | None, Query(max_length=128, description="id or name")] = None,
 ) -> SubnetPage:

@@ -20,6 +20,7 @@ from nubes.api.netops import (
     release_port_guards,
     takes_reference,
 )
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict
 from nubes.model.common import NAME_PATTERN, Model
@@ -79,7 +80,7 @@ async def list_ports(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     network: Annotated[str | None, Query(max_length=128, description="id or name")] = None,
     subnet: Annotated[str | None, Query(max_length=128, description="id or name")] = None,

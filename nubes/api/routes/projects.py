@@ -13,6 +13,7 @@ from pydantic import Field
 
 from nubes.api.auth import read_tokens, revoke_tokens
 from nubes.api.context import Caller, CallerDep, ContextDep
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
 from nubes.errors import Conflict, NotFound
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -73,7 +74,7 @@ async def list_projects(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
 ) -> ProjectPage:
     """The projects, by name (members: the ones they are in)."""
     mine = None if caller.is_admin else await _member_projects(ctx.store, caller)

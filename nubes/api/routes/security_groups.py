@@ -25,6 +25,7 @@ from nubes.api.netops import (
     shown,
     takes_reference,
 )
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
 from nubes.ids import IdKind, new_id
@@ -131,7 +132,7 @@ async def list_security_groups(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
 ) -> SecurityGroupPage:
     """The project's security groups, by id."""

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.imageops import find_image
+from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
 from nubes.ids import IdKind, new_id
@@ -133,7 +134,7 @@ async def list_volumes(
     ctx: ContextDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
 ) -> VolumePage:
     """The project's volumes, by id, with what their agents see."""

@@ -24,14 +24,15 @@ ST = Path(sys.executable).with_name("st")
 EXAMPLES = int(os.environ.get("NUBES_SCHEMATHESIS_EXAMPLES", "15"))
 
 # What a run must not find. Left out: negative_data_rejection, because pydantic reads
-# JSON leniently by design (it takes `false` or "1" where an integer is expected).
+# JSON leniently by design (it takes `false` or "1" where an integer is expected), and
+# positive_data_acceptance, because much of what makes input valid (a CIDR, an SSH key,
+# a bzImage) cannot be said in JSON Schema: such input gets a 4xx with a code, as it should.
 CHECKS = [
     "not_a_server_error",
     "status_code_conformance",
     "content_type_conformance",
     "response_schema_conformance",
     "response_headers_conformance",
-    "positive_data_acceptance",
     "missing_required_header",
     "unsupported_method",
     "allow_header_conformance",
@@ -39,8 +40,9 @@ CHECKS = [
     "ensure_resource_availability",
     "ignored_auth",
 ]
-# Endpoints that stream without end (server-sent events) cannot be fuzzed request by request.
-EXCLUDED_PATHS = r"^/v1/watch"
+# Left out: the watch streams without end (server-sent events), and revoking tokens would
+# log the run itself out (everything after would be a 401 that tests nothing).
+EXCLUDED_PATHS = r"^/v1/(watch|auth/token$|auth/tokens/)"
 
 
 def test_generated_requests_find_no_server_error_and_no_schema_violation(
@@ -77,6 +79,7 @@ def test_generated_requests_find_no_server_error_and_no_schema_violation(
             cwd=tmp_path,
             check=False,
         )
+    (tmp_path / "schemathesis.txt").write_text(result.stdout + result.stderr)
     report = result.stdout[-20_000:] + result.stderr[-5_000:]
     assert result.returncode == 0, f"schemathesis (seed {seed}) found problems:\n{report}"
     assert "Tested:" in result.stdout, report
