@@ -1,19 +1,51 @@
-"""`nubes host ...`: this host as its agent sees it; `gc` sweeps what the store forgot."""
+"""`nubes host ...`: the hosts the API knows (admin), and this host's `gc`, which sweeps
+what the store forgot."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from nubes.agent.gc import Orphan, find_orphans, remove_orphans
-from nubes.agent.paths import AgentPaths
+from nubes.cli.common import api, columns, field, show_many, show_one
 from nubes.cli.output import OutputFormat, OutputOption, print_json, print_table
-from nubes.config import load_config
-from nubes.store import open_store
+from nubes.client.base import HOST
 
-app = typer.Typer(name="host", help="This host and its agent.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from nubes.agent.gc import Orphan
+
+app = typer.Typer(name="host", help="Hosts and their agents.", no_args_is_help=True)
+
+HOST_COLUMNS = columns(
+    "name",
+    "alive",
+    "accel",
+    ("vcpus", lambda r: f"{r['allocated']['vcpus']}/{r['capacity'].get('vcpus', '?')}"),
+    (
+        "memory MiB",
+        lambda r: f"{r['allocated']['memory_mb']}/{r['capacity'].get('memory_mb', '?')}",
+    ),
+    "vms",
+    ("labels", field("labels")),
+)
+
+
+@app.command("list")
+def list_command(output: OutputOption = OutputFormat.TEXT) -> None:
+    """List the hosts, their capacity and what is bound to them (admin)."""
+    with api(output) as client:
+        show_many("hosts", client.records(HOST), output, HOST_COLUMNS)
+
+
+@app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The host's name.")],
+    output: OutputOption = OutputFormat.TEXT,
+) -> None:
+    """Show one host (admin)."""
+    with api(output) as client:
+        show_one("host", client.get(HOST, name), output)
 
 
 @app.command("gc")
@@ -46,6 +78,12 @@ def gc(
 
 
 async def _gc(*, remove: bool) -> tuple[list[Orphan], list[Orphan]]:
+    # The agent's modules load only for this verb: every other `nubes` command starts faster.
+    from nubes.agent.gc import find_orphans, remove_orphans
+    from nubes.agent.paths import AgentPaths
+    from nubes.config import load_config
+    from nubes.store import open_store
+
     config = load_config()
     paths = AgentPaths(state_dir=config.agent_state_dir, run_dir=config.agent.run_dir)
     store = await open_store(config)

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
 from nubes import __version__
-from nubes.cli import host, image
+from nubes.cli import (
+    auth,
+    flavor,
+    host,
+    image,
+    network,
+    node,
+    security_group,
+    vm,
+    volume,
+)
 from nubes.cli.agent import agent
+from nubes.cli.common import STATE
+from nubes.cli.scheduler import scheduler
+from nubes.client.session import URL_VARIABLE
 from nubes.errors import NubesError
 
 app = typer.Typer(
@@ -18,8 +32,34 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(image.app)
-app.add_typer(host.app)
+# The cloud, as a person uses it through the API.
+app.command("login")(auth.login)
+app.command("logout")(auth.logout)
+app.command("whoami")(auth.whoami)
+for group in (
+    vm.app,
+    image.app,
+    flavor.flavor_app,
+    flavor.keypair_app,
+    network.network_app,
+    network.subnet_app,
+    network.port_app,
+    security_group.app,
+    network.floating_ip_app,
+    volume.app,
+    auth.project_app,
+    auth.user_app,
+    auth.token_app,
+    auth.totp_app,
+    host.app,
+):
+    app.add_typer(group)
+# The daemons and the all-in-one node.
+app.command("up")(node.up)
+app.command("down")(node.down)
+app.command("node")(node.node)
+app.command("api")(node.api)
+app.command("scheduler")(scheduler)
 app.command("agent")(agent)
 
 
@@ -31,6 +71,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar=URL_VARIABLE,
+            help="The API, e.g. http://127.0.0.1:8686 (default: the saved login's, or local).",
+        ),
+    ] = None,
     version: bool = typer.Option(
         False,
         "--version",
@@ -40,6 +88,7 @@ def root(
     ),
 ) -> None:
     """nubes: a small, complete IaaS cloud."""
+    STATE.url = url
 
 
 def main() -> None:
