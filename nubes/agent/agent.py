@@ -64,7 +64,12 @@ class Agent:
             store=store,
             config=agent_config,
             paths=self.paths,
-            accel=choose_accelerator(agent_config.accel),
+            accel=choose_accelerator(
+                agent_config.accel,
+                qemu=agent_config.qemu,
+                state_dir=config.agent_state_dir,
+                image_dir=config.image_dir,
+            ),
             images=ImageCache(config.image_dir, self.paths.image_cache),
             cpu_weights=CpuWeights(agent_config.prefix),
             capacity=measure_capacity(self.paths.state_dir),

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from nubes import __version__
@@ -42,11 +44,85 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def choose_accelerator(setting: Accel) -> Accelerator:
-    """`auto` is KVM when it is usable, else TCG; the others are taken as said."""
-    if setting is Accel.AUTO:
-        return Accelerator.KVM if kvm_usable() else Accelerator.TCG
-    return Accelerator(setting.value)
+KVM_PROBE_SECONDS = 6.0
+KVM_PROBE_FILE = "kvm-probe.json"
+
+
+def kvm_boots_guests(qemu: str, kernel: Path, timeout: float | None = None) -> bool:
+    """Whether KVM runs `kernel`: booted with no root disk it panics and QEMU exits
+    (in well under a second under KVM); where KVM answers but guests hang, it does not.
+    """
+    argv = [
+        qemu, "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
+        "-display", "none", "-serial", "none", "-monitor", "none", "-no-reboot",
+        "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent",
+    ]  # fmt: skip
+    try:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError:
+        return False
+    try:
+        return process.wait(KVM_PROBE_SECONDS if timeout is None else timeout) == 0
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
+
+
+def probe_kernel(image_dir: Path) -> Path | None:
+    """A stock kernel to probe KVM with: the host's own, one of a registered image, or
+    the tiny image's (scripts/setup builds it)."""
+    from nubes.tinyimage.builder import default_cache_directory
+
+    candidates = [Path(f"/boot/vmlinuz-{os.uname().release}")]
+    with contextlib.suppress(OSError):
+        candidates += sorted(image_dir.glob("*/kernel"))
+    candidates.append(default_cache_directory() / "latest" / "vmlinuz")
+    return next((path for path in candidates if os.access(path, os.R_OK)), None)
+
+
+def choose_accelerator(
+    setting: Accel,
+    *,
+    qemu: str = "qemu-system-x86_64",
+    state_dir: Path | None = None,
+    image_dir: Path | None = None,
+) -> Accelerator:
+    """`auto` is KVM when it runs a guest kernel, else TCG; the others are taken as said.
+
+    /dev/kvm may answer the KVM API yet hang every guest (nested virtualisation gone
+    wrong), so `auto` boots a kernel under KVM once per host boot and remembers the
+    answer in `state_dir`. With no kernel to try, a KVM that answers is trusted.
+    """
+    if setting is not Accel.AUTO:
+        return Accelerator(setting.value)
+    if not kvm_usable():
+        return Accelerator.TCG
+    kernel = probe_kernel(image_dir) if image_dir is not None else None
+    if kernel is None:
+        return Accelerator.KVM
+    record = state_dir / KVM_PROBE_FILE if state_dir is not None else None
+    boot_id = host_boot_id()
+    if record is not None:
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(record.read_text())
+            if known.get("boot_id") == boot_id and isinstance(known.get("kvm_boots"), bool):
+                return Accelerator.KVM if known["kvm_boots"] else Accelerator.TCG
+    works = kvm_boots_guests(qemu, kernel)
+    if not works:
+        log.warning(
+            "KVM answers but did not boot %s within %.0f s: VMs run under TCG (slow); "
+            'set [agent] accel = "kvm" to insist',
+            kernel,
+            KVM_PROBE_SECONDS,
+        )
+    if record is not None:
+        with contextlib.suppress(OSError):
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"boot_id": boot_id, "kvm_boots": works}))
+    return Accelerator.KVM if works else Accelerator.TCG
 
 
 def host_boot_id() -> str:
