@@ -180,10 +180,18 @@ def _acted(output: OutputFormat, vm: Json, what: str) -> None:
 
 
 @app.command("start")
-def start(ref: Ref, output: OUTPUT = OutputFormat.TEXT) -> None:
+def start(
+    ref: Ref,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it is running.")] = False,
+    timeout: Timeout = 300.0,
+    output: OUTPUT = OutputFormat.TEXT,
+) -> None:
     """Start a stopped VM."""
     with api(output) as client:
-        _acted(output, client.start_vm(ref), "starting")
+        vm = client.start_vm(ref)
+        if wait:
+            vm = client.wait_vm(vm["id"], "running", timeout) or vm
+        _acted(output, vm, "started" if wait else "starting")
 
 
 @app.command("stop")
@@ -193,11 +201,16 @@ def stop(
     soft_timeout: Annotated[
         float | None, typer.Option("--soft-timeout", help="Seconds before the stop turns hard.")
     ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it is stopped.")] = False,
+    timeout: Timeout = 300.0,
     output: OUTPUT = OutputFormat.TEXT,
 ) -> None:
     """Stop a VM (ACPI power button; --force stops it at once)."""
     with api(output) as client:
-        _acted(output, client.stop_vm(ref, force=force, timeout=soft_timeout), "stopping")
+        vm = client.stop_vm(ref, force=force, timeout=soft_timeout)
+        if wait:
+            vm = client.wait_vm(vm["id"], "stopped", timeout) or vm
+        _acted(output, vm, "stopped" if wait else "stopping")
 
 
 @app.command("reboot")
