@@ -186,14 +186,20 @@ def report(results: dict[str, Any], network: bool) -> bool:
     rows = [
         ("nubes: POST /v1/vms -> status running (s)", ours, f"<= {TARGET_MEDIAN}"),
         ("bare: spawn -> query-status answered (s)", theirs, ""),
-        ("ratio nubes / bare, per pair", ratios, f"<= {TARGET_RATIO}"),
+        (
+            "ratio nubes / bare, per pair",
+            ratios,
+            "(bare has no network)" if network else f"<= {TARGET_RATIO}",
+        ),
     ]
     for label, values, target in rows:
         print(
             f"| {label} | {statistics.median(values):.3f} | {min(values):.3f} "
             f"| {max(values):.3f} | {target} |"
         )
-    met = median <= TARGET_MEDIAN and ratio <= TARGET_RATIO
+    # With --network nubes also builds a VPC (namespace, bridge, VXLAN, nftables,
+    # dnsmasq) that the bare side does not have: only the median target applies.
+    met = median <= TARGET_MEDIAN and (network or ratio <= TARGET_RATIO)
     print(f"(a) median {median:.3f} s, ratio {ratio:.2f}: {'met' if met else 'MISSED'}")
     return met
 

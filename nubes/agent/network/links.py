@@ -61,6 +61,10 @@ _TUNSETPERSIST = 0x400454CB
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 
+# A VNI still held by the VXLAN of a dying namespace: how long to wait for it.
+VXLAN_BUSY_ATTEMPTS = 25
+VXLAN_BUSY_PAUSE = 0.2
+
 
 class LinkError(NubesError):
     """A namespace, link, address, route or neighbour entry could not be made as asked."""
@@ -234,6 +238,12 @@ async def delete_netns(name: str) -> None:
     with _failing_as(f"delete network namespace {name}"):
         if not nsutil.netns_exists(name):
             return
+        # A namespace outlives its name while a process (a QEMU zombie for ~2 s) is in it,
+        # and so do its VXLAN devices, which keep their VNI on the host's shared UDP
+        # socket: the same VPC made again at once would fail with "File exists".
+        for link, kind in (await list_links(name)).items():
+            if kind == "vxlan":
+                await delete_link(name, link)
         try:
             await run_tool_async(["ip", "netns", "delete", name])
         except CommandFailed:
@@ -350,19 +360,28 @@ async def ensure_vxlan(
             leftover = await _link(host, staging_name)
             if leftover is not None:
                 await _delete_index(host, leftover["index"])
-            await host.link(
-                "add",
-                ifname=name,
-                kind="vxlan",
-                vxlan_id=vni,
-                vxlan_local=str(local),
-                vxlan_port=dstport,
-                vxlan_learning=0,
-                mtu=mtu,
-                net_ns_fd=netns,
-                master=master,  # an index in the new link's namespace
-                state="up",
-            )
+            for attempt in range(VXLAN_BUSY_ATTEMPTS):
+                try:
+                    await host.link(
+                        "add",
+                        ifname=name,
+                        kind="vxlan",
+                        vxlan_id=vni,
+                        vxlan_local=str(local),
+                        vxlan_port=dstport,
+                        vxlan_learning=0,
+                        mtu=mtu,
+                        net_ns_fd=netns,
+                        master=master,  # an index in the new link's namespace
+                        state="up",
+                    )
+                    return
+                except NetlinkError as error:
+                    # EEXIST: the VNI is still held on the shared UDP socket by the VXLAN
+                    # of a namespace that is going away (a process kept it alive a moment).
+                    if error.code != errno.EEXIST or attempt + 1 == VXLAN_BUSY_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(VXLAN_BUSY_PAUSE)
 
 
 def _make_persistent_tap(name: str) -> None:
