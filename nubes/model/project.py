@@ -20,15 +20,19 @@ class Role(StrEnum):
     MEMBER = "member"  # the resources of the projects it belongs to
 
 
+# Larger numbers do not fit the store's JSON encoder (64 bits) and mean nothing here.
+MAX_QUOTA = 2**53 - 1
+
+
 class Quota(Model):
     """The most a project may hold at once; -1 means no limit."""
 
-    vms: int = Field(default=20, ge=-1)
-    vcpus: int = Field(default=40, ge=-1)
-    memory_mb: int = Field(default=80 * 1024, ge=-1)
-    volumes: int = Field(default=40, ge=-1)
-    volume_gb: int = Field(default=1000, ge=-1)
-    floating_ips: int = Field(default=10, ge=-1)
+    vms: int = Field(default=20, ge=-1, le=MAX_QUOTA)
+    vcpus: int = Field(default=40, ge=-1, le=MAX_QUOTA)
+    memory_mb: int = Field(default=80 * 1024, ge=-1, le=MAX_QUOTA)
+    volumes: int = Field(default=40, ge=-1, le=MAX_QUOTA)
+    volume_gb: int = Field(default=1000, ge=-1, le=MAX_QUOTA)
+    floating_ips: int = Field(default=10, ge=-1, le=MAX_QUOTA)
 
 
 class Usage(Model):

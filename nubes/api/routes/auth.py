@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from nubes.api.auth import (
     DEFAULT_TOKEN_TTL,
@@ -128,11 +128,34 @@ class UserCreate(Model):
     role: Role = Role.MEMBER
     projects: list[ProjectName] = Field(default_factory=list, max_length=256)
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "example-user", "password": "example-password", "projects": ["default"]},
+                {
+                    "name": "example-user-2",
+                    "password": "example-password",
+                    "role": "member",
+                    "projects": ["default", "example-project"],
+                },
+            ]
+        }
+    )
+
 
 class UserUpdate(Model):
     password: Password | None = None
     role: Role | None = None
     projects: list[ProjectName] | None = Field(default=None, max_length=256)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"projects": ["default", "example-project"]},
+                {"password": "another-password"},
+            ]
+        }
+    )
 
 
 class PasswordChange(Model):

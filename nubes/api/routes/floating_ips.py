@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.netops import (
@@ -21,6 +21,7 @@ from nubes.api.netops import (
     references_key,
     takes_reference,
 )
+from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, InvalidInput
@@ -54,10 +55,23 @@ class FloatingIpCreate(Model):
     port: str | None = Field(default=None, min_length=1, max_length=128, description="associate")
     fixed_ip: str | None = Field(default=None, max_length=64, description="which IPv4 of the port")
 
+    # Named after what the networks' and ports' examples make.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"network": "example-ext"},
+                {"network": "example-ext", "address": "198.18.0.100"},
+                {"network": "example-ext", "port": "example-port-2"},
+            ]
+        }
+    )
+
 
 class FloatingIpAssociate(Model):
     port: str = REF
     fixed_ip: str | None = Field(default=None, max_length=64, description="default: its first")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"port": "example-port-2"}]})
 
 
 class FloatingIpView(FloatingIpRecord):
@@ -138,7 +152,23 @@ async def _view(records: Records, record: FloatingIpRecord) -> FloatingIpView:
     return FloatingIpView(**record.model_dump(), status=status)
 
 
-@router.post("/floating-ips", status_code=201)
+@router.post(
+    "/floating-ips",
+    status_code=201,
+    responses=links(
+        201,
+        associate=link(
+            "POST /floating-ips/{fip_id}/associate",
+            "forward the floating IP to a port",
+            parameters={"fip_id": "$response.body#/id"},
+        ),
+        disassociate=link(
+            "POST /floating-ips/{fip_id}/disassociate",
+            "stop forwarding the floating IP",
+            parameters={"fip_id": "$response.body#/id"},
+        ),
+    ),
+)
 async def create_floating_ip(
     body: FloatingIpCreate, ctx: ContextDep, caller: CallerDep
 ) -> FloatingIpView:

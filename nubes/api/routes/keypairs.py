@@ -12,7 +12,7 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from nubes.api.context import CallerDep, ContextDep
 from nubes.api.params import CursorQuery
@@ -29,6 +29,25 @@ router = APIRouter(tags=["keypairs"])
 class KeypairCreate(Model):
     name: str = Field(pattern=NAME_PATTERN)
     public_key: str = Field(max_length=16 * 1024, description="one line: 'ssh-ed25519 AAAA... c'")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "example-key",
+                    "public_key": "ssh-ed25519 "
+                    "AAAAC3NzaC1lZDI1NTE5AAAAIIgpGeYuIr2fW93W31giAbiI9G+VH5GMyDKUm289Spcy"
+                    " example-1",
+                },
+                {
+                    "name": "example-key-2",
+                    "public_key": "ssh-ed25519 "
+                    "AAAAC3NzaC1lZDI1NTE5AAAAIDZXFpvvpuRAcwLhQRwyL0b8uO+QAwIGC88BpsZlydoy"
+                    " example-2",
+                },
+            ]
+        }
+    )
 
 
 class KeypairView(KeypairRecord):

@@ -11,7 +11,7 @@ import ipaddress
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.netops import (
@@ -33,6 +33,7 @@ from nubes.api.netops import (
     takes_reference,
     vni_claim_key,
 )
+from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput
@@ -56,7 +57,11 @@ from nubes.store.keys import Kind, claim_key, name_key
 
 router = APIRouter(tags=["networks"])
 
-REF = Field(min_length=1, max_length=128)
+# The canonical spellings, for the OpenAPI document only (validation is the model's: it
+# also takes a netmask, and says why a CIDR with host bits or a wrong length is refused).
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4 = rf"^{_OCTET}(\.{_OCTET}){{3}}$"
+SUBNET_CIDR = rf"^{_OCTET}(\.{_OCTET}){{3}}/(1[6-9]|2[0-9])$"
 
 
 class NetworkCreate(Model):
@@ -72,6 +77,25 @@ class NetworkCreate(Model):
         default=None, description="admins only: make an external network instead of a VPC"
     )
 
+    # The examples make what the other operations' examples name: networks `example-ext`
+    # (external; admins only) and `example-net`, then `example-net-2` reaching out through it.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "example-ext",
+                    "external": {
+                        "physical_network": "external",
+                        "cidr": "198.18.0.0/24",
+                        "gateway": "198.18.0.1",
+                    },
+                },
+                {"name": "example-net"},
+                {"name": "example-net-2", "mtu": 1400, "external_gateway": "example-ext"},
+            ]
+        }
+    )
+
 
 class NetworkUpdate(Model):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
@@ -83,6 +107,16 @@ class NetworkUpdate(Model):
         description="an external network (id or name); null removes the VPC's way out",
     )
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"mtu": 1400},
+                {"external_gateway": "example-ext"},
+                {"external_gateway": None},
+            ]
+        }
+    )
+
 
 class NetworkPage(Model):
     items: list[NetworkRecord]
@@ -91,19 +125,56 @@ class NetworkPage(Model):
 
 class SubnetCreate(Model):
     name: str = Field(pattern=NAME_PATTERN)
-    network: str = REF
-    cidr: str = Field(max_length=64, description="IPv4, /16 to /29")
-    gateway: str | None = Field(default=None, max_length=64, description="default: first address")
+    network: str = Field(min_length=1, max_length=128, description="a VPC, by id or name")
+    cidr: str = Field(
+        max_length=64,
+        description="IPv4, /16 to /29, no host bits set",
+        json_schema_extra={"pattern": SUBNET_CIDR},
+    )
+    gateway: str | None = Field(
+        default=None,
+        max_length=64,
+        description="default: first address",
+        json_schema_extra={"pattern": IPV4},
+    )
     ipv6_cidr: str | None = Field(default=None, max_length=64, description="an IPv6 /64")
     ipam: IpamMode = IpamMode.AUTOMATIC
     dhcp: bool = True
     dns_nameservers: list[str] = Field(default_factory=list, max_length=4)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "example-subnet", "network": "example-net", "cidr": "10.20.0.0/24"},
+                {
+                    "name": "example-subnet-2",
+                    "network": "example-net-2",
+                    "cidr": "10.30.0.0/24",
+                    "gateway": "10.30.0.254",
+                    "ipv6_cidr": "fd00:30::/64",
+                    "dns_nameservers": ["198.18.0.53"],
+                },
+                {
+                    "name": "example-manual",
+                    "network": "example-net",
+                    "cidr": "10.21.0.0/28",
+                    "ipam": "manual",
+                },
+            ]
+        }
+    )
 
 
 class SubnetUpdate(Model):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     dhcp: bool | None = None
     dns_nameservers: list[str] | None = Field(default=None, max_length=4)
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"dhcp": False}, {"dns_nameservers": ["198.18.0.53", "2001:db8::53"]}]
+        }
+    )
 
 
 class SubnetPage(Model):
@@ -148,7 +219,22 @@ async def _gateway_guards(
     return ExternalGateway(network=external.id, address=address), guards
 
 
-@router.post("/networks", status_code=201)
+@router.post(
+    "/networks",
+    status_code=201,
+    responses=links(
+        201,
+        subnet=link(
+            "POST /subnets", "make a subnet in the VPC", body={"network": "$response.body#/id"}
+        ),
+        port=link("POST /ports", "make a port on the VPC", body={"network": "$response.body#/id"}),
+        floating_ip=link(
+            "POST /floating-ips",
+            "take a floating IP from the external network",
+            body={"network": "$response.body#/id"},
+        ),
+    ),
+)
 async def create_network(body: NetworkCreate, ctx: ContextDep, caller: CallerDep) -> NetworkRecord:
     """Make a VPC, or (admin, with `external`) an external network every project sees."""
     records = Records(ctx.store)
@@ -371,7 +457,32 @@ async def _refuse_external_in_use(store: Store, external: NetworkRecord) -> None
 # -- subnets -----------------------------------------------------------------------------
 
 
-@router.post("/subnets", status_code=201)
+@router.post(
+    "/subnets",
+    status_code=201,
+    responses=links(
+        201,
+        port=link(
+            "POST /ports",
+            "make a port on the subnet",
+            body={"network": "$response.body#/spec/network", "subnet": "$response.body#/id"},
+        ),
+        vm=link(
+            "POST /vms",
+            "make a VM with a port on the subnet",
+            body={
+                "networks": [
+                    {"network": "$response.body#/spec/network", "subnet": "$response.body#/id"}
+                ]
+            },
+        ),
+        network=link(
+            "GET /networks/{network_id}",
+            "the subnet's VPC",
+            parameters={"network_id": "$response.body#/spec/network"},
+        ),
+    ),
+)
 async def create_subnet(body: SubnetCreate, ctx: ContextDep, caller: CallerDep) -> SubnetRecord:
     """Make a subnet in a VPC; its VNI comes from the pool."""
     store = ctx.store

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from nubes.api.context import CallerDep, ContextDep
 from nubes.api.netops import (
@@ -20,6 +20,7 @@ from nubes.api.netops import (
     release_port_guards,
     takes_reference,
 )
+from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict
@@ -47,11 +48,37 @@ class PortCreate(Model):
     port_security: bool = True
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
 
+    # Named after what the networks' and security groups' examples make.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"network": "example-net"},
+                {"network": "example-net", "subnet": "example-subnet", "name": "example-port"},
+                {
+                    "network": "example-net",
+                    "subnet": "example-subnet",
+                    "fixed_ip": "10.20.0.50",
+                    "security_groups": ["example-sg"],
+                },
+                {"network": "example-net-2", "port_security": False},
+            ]
+        }
+    )
+
 
 class PortUpdate(Model):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     security_groups: list[str] | None = Field(default=None, max_length=16)
     port_security: bool | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"security_groups": ["example-sg", "default"]},
+                {"name": "example-port-renamed", "port_security": True},
+            ]
+        }
+    )
 
 
 class PortView(PortRecord):
@@ -68,7 +95,19 @@ async def _view(records: Records, record: PortRecord) -> PortView:
     return PortView(**record.model_dump(), status=status)
 
 
-@router.post("/ports", status_code=201)
+@router.post(
+    "/ports",
+    status_code=201,
+    responses=links(
+        201,
+        vm=link("POST /vms", "make a VM on the port", body={"ports": ["$response.body#/id"]}),
+        floating_ip=link(
+            "POST /floating-ips",
+            "take a floating IP for the port",
+            body={"port": "$response.body#/id"},
+        ),
+    ),
+)
 async def create_port_route(body: PortCreate, ctx: ContextDep, caller: CallerDep) -> PortView:
     """Make a port on a VPC's subnet, with the next free address or `fixed_ip`."""
     record = await create_port(ctx.store, caller, **body.model_dump())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from nubes.api.auth import read_tokens, revoke_tokens
 from nubes.api.context import Caller, CallerDep, ContextDep
@@ -18,11 +18,14 @@ from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
 from nubes.errors import Conflict, NotFound
 from nubes.model.common import NAME_PATTERN, Model, now
 from nubes.model.network import keypair_key_name
-from nubes.model.project import ProjectRecord, Quota, Usage, UserRecord
+from nubes.model.project import MAX_QUOTA, ProjectRecord, Quota, Usage, UserRecord
 from nubes.store.base import Compare, Delete, KeyValue, Store
 from nubes.store.keys import Kind, name_key, resource_key, usage_key
 
 router = APIRouter(tags=["projects"])
+
+
+Limit = Annotated[int, Field(ge=-1, le=MAX_QUOTA)]
 
 
 class ProjectCreate(Model):
@@ -30,21 +33,36 @@ class ProjectCreate(Model):
     description: str = Field(default="", max_length=1024)
     quota: Quota = Field(default_factory=Quota)
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "example-project", "description": "for the examples"},
+                {"name": "example-project-2", "quota": {"vms": 5, "vcpus": 10, "floating_ips": -1}},
+            ]
+        }
+    )
+
 
 class QuotaUpdate(Model):
     """The limits to change; the ones left out keep their value. -1 means no limit."""
 
-    vms: int | None = Field(default=None, ge=-1)
-    vcpus: int | None = Field(default=None, ge=-1)
-    memory_mb: int | None = Field(default=None, ge=-1)
-    volumes: int | None = Field(default=None, ge=-1)
-    volume_gb: int | None = Field(default=None, ge=-1)
-    floating_ips: int | None = Field(default=None, ge=-1)
+    vms: Limit | None = None
+    vcpus: Limit | None = None
+    memory_mb: Limit | None = None
+    volumes: Limit | None = None
+    volume_gb: Limit | None = None
+    floating_ips: Limit | None = None
 
 
 class ProjectUpdate(Model):
     description: str | None = Field(default=None, max_length=1024)
     quota: QuotaUpdate | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"description": "changed"}, {"quota": {"vms": 30, "volume_gb": -1}}]
+        }
+    )
 
 
 class ProjectPage(Model):

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response
-from pydantic import Field
+from fastapi.openapi.models import Example
+from pydantic import ConfigDict, Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.netops import (
@@ -25,6 +26,7 @@ from nubes.api.netops import (
     shown,
     takes_reference,
 )
+from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
@@ -52,10 +54,74 @@ class SecurityGroupCreate(Model):
         default=None, max_length=MAX_RULES, description="default: allow all egress"
     )
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "example-sg", "description": "web servers"},
+                {
+                    "name": "example-sg-2",
+                    "rules": [
+                        {"direction": "egress"},
+                        {"direction": "ingress", "protocol": "icmp"},
+                        {
+                            "direction": "ingress",
+                            "protocol": "tcp",
+                            "port_min": 22,
+                            "port_max": 22,
+                            "remote_cidr": "198.18.0.0/15",
+                        },
+                        {"direction": "ingress", "remote_group": "example-sg"},
+                    ],
+                },
+            ]
+        }
+    )
+
 
 class SecurityGroupUpdate(Model):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     description: str | None = Field(default=None, max_length=255)
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"description": "web and ssh"}, {"name": "example-sg-3"}]}
+    )
+
+
+RULE_EXAMPLES: dict[str, Example] = {
+    "ssh": {
+        "summary": "ssh from a range",
+        "value": {
+            "direction": "ingress",
+            "protocol": "tcp",
+            "port_min": 22,
+            "port_max": 22,
+            "remote_cidr": "198.18.0.0/15",
+        },
+    },
+    "ping6": {
+        "summary": "ICMPv6 echo requests",
+        "value": {
+            "direction": "ingress",
+            "ethertype": "ipv6",
+            "protocol": "icmpv6",
+            "port_min": 128,
+        },
+    },
+    "group": {
+        "summary": "anything from the ports of a group",
+        "value": {"direction": "ingress", "remote_group": "example-sg"},
+    },
+}
+RULES_EXAMPLES: dict[str, Example] = {
+    "web": {
+        "summary": "all egress, web from anywhere",
+        "value": [
+            {"direction": "egress"},
+            {"direction": "ingress", "protocol": "tcp", "port_min": 80, "port_max": 443},
+        ],
+    },
+    "none": {"summary": "drop everything", "value": []},
+}
 
 
 class SecurityGroupPage(Model):
@@ -100,7 +166,38 @@ def _described(rule: SecurityGroupRuleSpec) -> str:
     return f"{rule.direction} {rule.ethertype} {rule.protocol}{ports} {remote}"
 
 
-@router.post("/security-groups", status_code=201)
+@router.post(
+    "/security-groups",
+    status_code=201,
+    responses=links(
+        201,
+        add_rule=link(
+            "POST /security-groups/{group_id}/rules",
+            "let the group's ports reach each other",
+            parameters={"group_id": "$response.body#/id"},
+            body={"direction": "ingress", "remote_group": "$response.body#/id"},
+        ),
+        replace_rules=link(
+            "PUT /security-groups/{group_id}/rules",
+            "replace the group's rules: only traffic from its own ports comes in",
+            parameters={"group_id": "$response.body#/id"},
+            body=[{"direction": "ingress", "remote_group": "$response.body#/id"}],
+        ),
+        delete_rule=link(
+            "DELETE /security-groups/{group_id}/rules/{rule_id}",
+            "remove the group's first rule",
+            parameters={
+                "group_id": "$response.body#/id",
+                "rule_id": "$response.body#/spec/rules/0/id",
+            },
+        ),
+        port=link(
+            "POST /ports",
+            "make a port in the group",
+            body={"security_groups": ["$response.body#/id"]},
+        ),
+    ),
+)
 async def create_security_group(
     body: SecurityGroupCreate, ctx: ContextDep, caller: CallerDep
 ) -> SecurityGroupRecord:
@@ -210,9 +307,28 @@ async def update_security_group(
     return await _change(ctx.store, caller, group_id, edit)
 
 
-@router.post("/security-groups/{group_id}/rules", status_code=201)
+@router.post(
+    "/security-groups/{group_id}/rules",
+    status_code=201,
+    responses=links(
+        201,
+        delete_rule=link(
+            "DELETE /security-groups/{group_id}/rules/{rule_id}",
+            "remove the rule",
+            parameters={"group_id": "$request.path.group_id", "rule_id": "$response.body#/id"},
+        ),
+        group=link(
+            "GET /security-groups/{group_id}",
+            "the group with the rule",
+            parameters={"group_id": "$request.path.group_id"},
+        ),
+    ),
+)
 async def add_rule(
-    group_id: str, body: SecurityGroupRuleSpec, ctx: ContextDep, caller: CallerDep
+    group_id: str,
+    body: Annotated[SecurityGroupRuleSpec, Body(openapi_examples=RULE_EXAMPLES)],
+    ctx: ContextDep,
+    caller: CallerDep,
 ) -> SecurityGroupRule:
     """Add a rule to a security group; the answer carries the rule's id."""
     made: list[SecurityGroupRule] = []
@@ -236,7 +352,10 @@ async def add_rule(
 @router.put("/security-groups/{group_id}/rules")
 async def replace_rules(
     group_id: str,
-    body: Annotated[list[SecurityGroupRuleSpec], Body(max_length=MAX_RULES)],
+    body: Annotated[
+        list[SecurityGroupRuleSpec],
+        Body(max_length=MAX_RULES, openapi_examples=RULES_EXAMPLES),
+    ],
     ctx: ContextDep,
     caller: CallerDep,
 ) -> SecurityGroupRecord:

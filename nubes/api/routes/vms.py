@@ -7,12 +7,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
-from pydantic import Field
+from fastapi import APIRouter, Body, Path, Query, Response
+from fastapi.openapi.models import Example
+from pydantic import ConfigDict, Field
 
 from nubes.api.console import MAX_LINES, read_tail, serial_log_path
 from nubes.api.context import CallerDep, ContextDep
 from nubes.api.netops import merge_guards
+from nubes.api.openapi_links import link, links
 from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
 from nubes.api.records import CAS_ATTEMPTS, Guards, Records, name_guard
 from nubes.api.routes.volumes import attachment_claim
@@ -68,6 +70,12 @@ class VmUpdate(Model):
     autostart: bool | None = None
     cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"restart_policy": "always", "cpu_weight": 200}, {"autostart": False}]
+        }
+    )
+
 
 class VmStop(Model):
     force: bool = Field(default=False, description="pull the plug instead of the power button")
@@ -75,13 +83,19 @@ class VmStop(Model):
         default=None, ge=0, le=3600, description="seconds before a soft stop turns hard"
     )
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"timeout": 30}, {"force": True}]})
+
 
 class VmResize(Model):
     flavor: str = Field(min_length=1, max_length=128, description="flavor name")
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"flavor": "small"}]})
+
 
 class VolumeAttach(Model):
     volume: str = Field(min_length=1, max_length=128, description="volume id or name")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"volume": "example-vol"}]})
 
 
 class VmConsole(Model):
@@ -118,8 +132,64 @@ async def _act(ctx: ContextDep, caller: CallerDep, ref: str, change: Change) -> 
     )
 
 
-@router.post("/vms", status_code=201)
-async def create(body: VmCreate, ctx: ContextDep, caller: CallerDep) -> VmView:
+# Named after what the other operations' examples make; `example-image` is uploaded by
+# whoever runs the examples (an upload has no JSON body).
+VM_EXAMPLES: dict[str, Example] = {
+    "nic": {
+        "summary": "a VM with a new port on a network and a key",
+        "value": {
+            "name": "example-vm",
+            "flavor": "tiny",
+            "image": "example-image",
+            "networks": [{"network": "example-net"}],
+            "key_name": "example-key",
+        },
+    },
+    "stopped": {
+        "summary": "a stopped VM on a chosen subnet, in a chosen group",
+        "value": {
+            "name": "example-vm-2",
+            "flavor": "small",
+            "image": "example-image",
+            "networks": [{"network": "example-net-2", "subnet": "example-subnet-2"}],
+            "security_groups": ["example-sg"],
+            "power_state": "stopped",
+            "restart_policy": "never",
+            "user_data": "#cloud-config\n",
+        },
+    },
+    "port": {
+        "summary": "a VM on an existing port",
+        "value": {
+            "name": "example-vm-3",
+            "flavor": "tiny",
+            "image": "example-image",
+            "ports": ["example-port"],
+            "key_names": ["example-key", "example-key-2"],
+        },
+    },
+}
+
+
+@router.post(
+    "/vms",
+    status_code=201,
+    responses=links(
+        201,
+        console=link(
+            "GET /vms/{vm}/console",
+            "the VM's serial console",
+            parameters={"vm": "$response.body#/id"},
+        ),
+        stop=link("POST /vms/{vm}/stop", "stop the VM", parameters={"vm": "$response.body#/id"}),
+        delete=link("DELETE /vms/{vm}", "delete the VM", parameters={"vm": "$response.body#/id"}),
+    ),
+)
+async def create(
+    body: Annotated[VmCreate, Body(openapi_examples=VM_EXAMPLES)],
+    ctx: ContextDep,
+    caller: CallerDep,
+) -> VmView:
     """Make a VM; the scheduler places it and the host's agent starts it."""
     record = await create_vm(ctx.store, caller, body)
     return await view_of(ctx.store, record, None)

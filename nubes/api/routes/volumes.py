@@ -14,10 +14,11 @@ from enum import StrEnum
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.imageops import find_image
+from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
@@ -58,18 +59,39 @@ class VolumeCreate(Model):
     )
     image: str | None = Field(default=None, max_length=128, description="id or name")
 
+    # `example-image` is uploaded by whoever runs the examples (an upload has no JSON body).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "example-vol", "size_gb": 1},
+                {"name": "example-vol-2", "image": "example-image"},
+                {"name": "example-vol-3", "image": "example-image", "size_gb": 2},
+            ]
+        }
+    )
+
 
 class VolumeUpdate(Model):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     size_gb: int | None = Field(default=None, ge=1, le=MAX_VOLUME_GB, description="grows only")
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"size_gb": 4}, {"name": "example-vol-renamed"}]}
+    )
+
 
 class SnapshotCreate(Model):
     name: str = Field(pattern=NAME_PATTERN)
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "example-snap"}, {"name": "example-snap-2"}]}
+    )
+
 
 class RevertRequest(Model):
     snapshot: str = Field(pattern=NAME_PATTERN)
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"snapshot": "example-snap"}]})
 
 
 class SnapshotState(StrEnum):
@@ -94,7 +116,23 @@ def attachment_claim(volume_id: str) -> str:
     return claim_key(ATTACHMENTS, volume_id)
 
 
-@router.post("/volumes", status_code=201)
+@router.post(
+    "/volumes",
+    status_code=201,
+    responses=links(
+        201,
+        snapshot=link(
+            "POST /volumes/{volume}/snapshots",
+            "snapshot the volume",
+            parameters={"volume": "$response.body#/id"},
+        ),
+        delete=link(
+            "DELETE /volumes/{volume}",
+            "delete the volume",
+            parameters={"volume": "$response.body#/id"},
+        ),
+    ),
+)
 async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) -> VolumeView:
     """Make a volume, blank or from an image."""
     image_id = None
@@ -213,7 +251,24 @@ async def delete_volume(volume: str, ctx: ContextDep, caller: CallerDep) -> Volu
     return await _view(records, caller, record.id)
 
 
-@router.post("/volumes/{volume}/snapshots", status_code=202)
+@router.post(
+    "/volumes/{volume}/snapshots",
+    status_code=202,
+    responses=links(
+        202,
+        revert=link(
+            "POST /volumes/{volume}/revert",
+            "revert the volume to the snapshot",
+            parameters={"volume": "$request.path.volume"},
+            body={"snapshot": "$request.body#/name"},
+        ),
+        delete=link(
+            "DELETE /volumes/{volume}/snapshots/{snapshot}",
+            "delete the snapshot",
+            parameters={"volume": "$request.path.volume", "snapshot": "$request.body#/name"},
+        ),
+    ),
+)
 async def create_snapshot(
     volume: str, body: SnapshotCreate, ctx: ContextDep, caller: CallerDep
 ) -> SnapshotView:
