@@ -34,8 +34,8 @@ from nubes.api.auth import (
     totp_uri,
 )
 from nubes.api.context import Caller, CallerDep, ContextDep
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Records
 from nubes.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from nubes.model.common import NAME_PATTERN, Model, now
 from nubes.model.project import Role, TokenRecord, UserRecord
@@ -240,7 +240,7 @@ async def list_tokens(
     ctx: ContextDep,
     caller: CallerDep,
     user: Annotated[str | None, Query(max_length=128, description="admins: whose")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
 ) -> TokenPage:
     """The caller's live tokens (admins may name another user), by id."""
@@ -378,7 +378,7 @@ async def list_users(
     ctx: ContextDep,
     caller: CallerDep,
     project: Annotated[str | None, Query(max_length=128, description="members of")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
 ) -> UserPage:
     """The users, by name (admin)."""

@@ -22,8 +22,8 @@ from nubes.api.netops import (
     takes_reference,
 )
 from nubes.api.openapi_links import link, links
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, not_found
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, InvalidInput
 from nubes.ids import IdKind, new_id
 from nubes.model.common import Model, now
@@ -209,7 +209,7 @@ async def create_floating_ip(
 async def list_floating_ips(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     port: Annotated[str | None, Query(max_length=128, description="port id")] = None,
     address: Annotated[str | None, Query(max_length=64)] = None,

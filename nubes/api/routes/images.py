@@ -28,8 +28,8 @@ from nubes.api.imageops import (
     max_image_bytes,
     public_name_claim,
 )
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, not_found
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, Forbidden, InvalidInput
 from nubes.ids import IdKind, is_id
 from nubes.model.common import NAME_PATTERN, Model
@@ -199,7 +199,7 @@ async def get_image_import(image_id: str, ctx: ContextDep, caller: CallerDep) ->
 async def list_images(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     public: Annotated[bool | None, Query(description="only public (true) or own (false)")] = None,

@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import ConfigDict, Field, ValidationError
 
 from nubes.api.context import CallerDep, ContextDep
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records, not_found
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Records, not_found
 from nubes.errors import Conflict, InvalidInput
 from nubes.model.common import NAME_PATTERN, Model, now
 from nubes.model.network import KeypairRecord, keypair_key_name
@@ -127,7 +126,7 @@ async def create_keypair(body: KeypairCreate, ctx: ContextDep, caller: CallerDep
 async def list_keypairs(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
 ) -> KeypairPage:
     """The project's key pairs, by name."""

@@ -34,8 +34,8 @@ from nubes.api.netops import (
     vni_claim_key,
 )
 from nubes.api.openapi_links import link, links
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput
 from nubes.ids import IdKind, new_id
 from nubes.ipam import allocate_vni
@@ -281,7 +281,7 @@ async def create_network(body: NetworkCreate, ctx: ContextDep, caller: CallerDep
 async def list_networks(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     external: Annotated[
@@ -555,7 +555,7 @@ async def _refuse_overlap(store: Store, network: NetworkRecord, spec: SubnetSpec
 async def list_subnets(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     network: Annotated[str | None, Query(max_length=128, description="id or name")] = None,

@@ -21,8 +21,8 @@ from nubes.api.netops import (
     takes_reference,
 )
 from nubes.api.openapi_links import link, links
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict
 from nubes.model.common import NAME_PATTERN, Model
 from nubes.model.network import PortRecord, PortStatus, SubnetRecord
@@ -118,7 +118,7 @@ async def create_port_route(body: PortCreate, ctx: ContextDep, caller: CallerDep
 async def list_ports(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
     network: Annotated[str | None, Query(max_length=128, description="id or name")] = None,

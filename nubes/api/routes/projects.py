@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import ConfigDict, Field
 
 from nubes.api.auth import read_tokens, revoke_tokens
 from nubes.api.context import Caller, CallerDep, ContextDep
-from nubes.api.params import CursorQuery
+from nubes.api.params import CursorQuery, LimitQuery
 from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Records
 from nubes.errors import Conflict, NotFound
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -91,7 +91,7 @@ async def create_project(body: ProjectCreate, ctx: ContextDep, caller: CallerDep
 async def list_projects(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
 ) -> ProjectPage:
     """The projects, by name (members: the ones they are in)."""

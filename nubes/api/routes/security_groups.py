@@ -27,8 +27,8 @@ from nubes.api.netops import (
     takes_reference,
 )
 from nubes.api.openapi_links import link, links
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
 from nubes.ids import IdKind, new_id
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -228,7 +228,7 @@ async def create_security_group(
 async def list_security_groups(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
 ) -> SecurityGroupPage:

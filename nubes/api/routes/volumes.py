@@ -19,8 +19,8 @@ from pydantic import ConfigDict, Field
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.imageops import find_image
 from nubes.api.openapi_links import link, links
-from nubes.api.params import CursorQuery
-from nubes.api.records import DEFAULT_PAGE, MAX_PAGE, Guards, Records, name_guard
+from nubes.api.params import CursorQuery, LimitQuery
+from nubes.api.records import DEFAULT_PAGE, Guards, Records, name_guard
 from nubes.errors import Conflict, InvalidInput, NotFound
 from nubes.ids import IdKind, new_id
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -171,7 +171,7 @@ async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) 
 async def list_volumes(
     ctx: ContextDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    limit: LimitQuery = DEFAULT_PAGE,
     cursor: CursorQuery = None,
     name: Annotated[str | None, Query(max_length=64)] = None,
 ) -> VolumePage:
