@@ -19,9 +19,7 @@ from nubes.cli import (
     vm,
     volume,
 )
-from nubes.cli.agent import agent
 from nubes.cli.common import STATE
-from nubes.cli.scheduler import scheduler
 from nubes.client.session import URL_VARIABLE
 from nubes.errors import NubesError
 
@@ -59,8 +57,8 @@ app.command("up")(node.up)
 app.command("down")(node.down)
 app.command("node")(node.node)
 app.command("api")(node.api)
-app.command("scheduler")(scheduler)
-app.command("agent")(agent)
+app.command("scheduler")(node.scheduler)
+app.command("agent")(node.agent)
 
 
 def _print_version(value: bool) -> None:

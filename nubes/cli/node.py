@@ -94,6 +94,18 @@ def api(
     _run(_with_overrides(load_config(), port=port, listen=listen), {"api"})
 
 
+def scheduler(log_level: LogLevelOption = "info") -> None:
+    """Run only the scheduler until SIGTERM ([scheduler] settings); several may run at once."""
+    _logging(log_level)
+    _run(load_config(), {"scheduler"})
+
+
+def agent(log_level: LogLevelOption = "info") -> None:
+    """Run this host's agent until SIGTERM or Ctrl-C; VMs keep running when it stops."""
+    _logging(log_level)
+    _run(load_config(), {"agent"})
+
+
 def up(
     accel: AccelOption = None,
     port: PortOption = None,

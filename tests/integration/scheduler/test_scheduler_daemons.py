@@ -165,7 +165,7 @@ async def test_two_schedulers_bind_wait_retry_and_clean_up(cluster: Cluster) -> 
     other = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import typer; from nubes.cli.scheduler import scheduler; typer.run(scheduler)",
+        "import typer; from nubes.cli.node import scheduler; typer.run(scheduler)",
         cwd=REPO,
         env={**os.environ, **cluster.prefix_env},
         stdin=asyncio.subprocess.DEVNULL,
