@@ -116,17 +116,22 @@ class Records:
         Raises:
             NotFound: no such id or name in the project.
         """
-        kv = await self.store.get(resource_key(kind, ref)) if _plain(ref) else None
-        if kv is None and _plain(ref):
-            guard = await self.store.get(name_key(kind, caller.project, ref))
-            if guard is not None and isinstance(guard.value, str):
-                kv = await self.store.get(resource_key(kind, guard.value))
-        if kv is None:
+        if not _plain(ref):
             raise not_found(kind, ref)
-        record = model.from_json(kv.value)
-        if not visible(caller, kind, getattr(record, "project", None)):
-            raise not_found(kind, ref)
-        return kv, record
+        kv = await self.store.get(resource_key(kind, ref))
+        if kv is not None:
+            record = model.from_json(kv.value)
+            if visible(caller, kind, getattr(record, "project", None)):
+                return kv, record
+        # Not an id of this project (another's id is as good as unknown): maybe a name.
+        guard = await self.store.get(name_key(kind, caller.project, ref))
+        if guard is not None and isinstance(guard.value, str):
+            kv = await self.store.get(resource_key(kind, guard.value))
+            if kv is not None:
+                record = model.from_json(kv.value)
+                if visible(caller, kind, getattr(record, "project", None)):
+                    return kv, record
+        raise not_found(kind, ref)
 
     async def status(self, kind: Kind, model: type[S], ident: str) -> S | None:
         kv = await self.store.get(f"{resource_key(kind, ident)}/status")

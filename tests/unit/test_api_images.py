@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from nubes.api.routes import images as images_routes
 from nubes.ids import IdKind, new_id
 from nubes.model.common import now
 from nubes.model.vm import Flavor, VmRecord, VmSpec
@@ -367,3 +368,28 @@ async def test_an_image_in_use_cannot_be_deleted(tmp_path: Path) -> None:
         assert list(lab.ctx.image_dir.iterdir()) == []
         assert await image_keys(lab) == []
         assert (await member.post("/v1/images/import", json={})).status_code == 422
+
+
+async def test_a_user_made_while_an_image_is_deleted_stops_the_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A VM or volume create that commits between the delete's look for users and its own
+    # commit touches the image's reference key; the delete must then fail, not leave the
+    # new user on an image without files.
+    content = make_qcow2(tmp_path / "disk.qcow2", "1M").read_bytes()
+    async with ApiLab.open(tmp_path) as lab:
+        member = await lab.member("alpha")
+        image = (await upload(member, "base", content)).json()
+        real_users = images_routes.image_users
+
+        async def users_then_a_create(store: Any, image_id: str) -> list[str]:
+            found = await real_users(store, image_id)
+            created = await member.post("/v1/volumes", json={"name": "late", "image": image_id})
+            assert created.status_code == 201, created.text
+            return found
+
+        monkeypatch.setattr(images_routes, "image_users", users_then_a_create)
+        refused = await member.delete("/v1/images/base")
+        assert refused.status_code == 409, refused.text
+        assert (lab.ctx.image_dir / image["id"] / "disk").exists()
+        assert (await member.get(f"/v1/images/{image['id']}")).status_code == 200

@@ -128,6 +128,9 @@ async def test_bad_watch_requests_are_refused(tmp_path: Path) -> None:
         assert (await member.get("/v1/watch", params={"since": -1})).status_code == 422
         bad_header = await member.get("/v1/watch", headers={"Last-Event-ID": "x"})
         assert bad_header.status_code == 400
+        # "²" passes str.isdigit() but not int(): it answered 500 before.
+        superscript = await member.get("/v1/watch", headers={"Last-Event-ID": b"\xb2"})
+        assert superscript.status_code == 400
         assert (await lab.client().get("/v1/watch")).status_code == 401
 
 

@@ -28,12 +28,14 @@ from nubes.api.imageops import (
     max_image_bytes,
     public_name_claim,
 )
+from nubes.api.netops import references_key, references_snapshot
 from nubes.api.params import CursorQuery, LimitQuery
 from nubes.api.records import DEFAULT_PAGE, Guards, Records, not_found
 from nubes.errors import Conflict, Forbidden, InvalidInput
 from nubes.ids import IdKind, is_id
 from nubes.model.common import NAME_PATTERN, Model
 from nubes.model.image import ImageFormat, ImageRecord, ImageState, ImageStatus
+from nubes.store.base import Delete
 from nubes.store.keys import Kind, name_key, status_key
 
 router = APIRouter(tags=["images"])
@@ -248,6 +250,9 @@ async def delete_image(image: str, ctx: ContextDep, caller: CallerDep) -> Respon
             f"image {record.name} is public: only an admin may delete it",
             hint="ask an admin of this cloud",
         )
+    # Read before looking for users: a VM or volume made meanwhile changes it, and the
+    # delete below then fails instead of leaving them on an image without files.
+    referenced = await references_snapshot(ctx.store, record.id)
     users = await image_users(ctx.store, record.id)
     if users:
         shown = ", ".join(users[:5]) + (" ..." if len(users) > 5 else "")
@@ -260,7 +265,12 @@ async def delete_image(image: str, ctx: ContextDep, caller: CallerDep) -> Respon
         guard = await ctx.store.get(key)
         if guard is not None and guard.value == record.id:
             released.append(key)
-    if await records.remove(caller, kv, Guards(released_names=released)) is None:
+    guards = Guards(
+        released_names=released,
+        compares=[referenced],
+        operations=[Delete(references_key(record.id))],
+    )
+    if await records.remove(caller, kv, guards) is None:
         raise Conflict(f"image {record.id} changed while it was being deleted", hint="try again")
     remove_image_files(ctx.image_dir, record.id)
     return Response(status_code=204)

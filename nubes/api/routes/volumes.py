@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.imageops import find_image
+from nubes.api.netops import takes_reference
 from nubes.api.openapi_links import link, links
 from nubes.api.params import CursorQuery, LimitQuery
 from nubes.api.records import DEFAULT_PAGE, Guards, Records, name_guard
@@ -137,9 +138,13 @@ async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) 
     """Make a volume, blank or from an image."""
     image_id = None
     size_gb = body.size_gb
+    volume_id = new_id(IdKind.VOLUME)
+    uses_image = Guards()
     if body.image is not None:
-        _, image = await find_image(ctx.store, caller, body.image)
+        image_kv, image = await find_image(ctx.store, caller, body.image)
         image_id = image.id
+        # The image must still exist at commit, and a delete racing this create fails.
+        uses_image = takes_reference(image_kv, image.id, volume_id)
         needed = -(-image.virtual_size // GIB)
         if size_gb is None:
             size_gb = needed
@@ -150,7 +155,6 @@ async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) 
             )
     if size_gb is None:
         raise InvalidInput("a blank volume needs a size", hint="give size_gb (GiB)")
-    volume_id = new_id(IdKind.VOLUME)
     record = VolumeRecord(
         id=volume_id,
         project=caller.project,
@@ -162,6 +166,8 @@ async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) 
     guards = Guards(
         names=name_guard(Kind.VOLUME, caller.project, body.name, volume_id),
         usage=Usage(volumes=1, volume_gb=size_gb),
+        compares=uses_image.compares,
+        operations=uses_image.operations,
     )
     await Records(ctx.store).create(caller, Kind.VOLUME, volume_id, record, guards)
     return VolumeView(**record.model_dump())

@@ -250,7 +250,7 @@ async def watch(
     """Server-sent events of changes to the caller's resources (and hosts, for admins)."""
     chosen = _kinds(caller, kinds)
     if since is None and last_event_id is not None:
-        if not last_event_id.isdigit():
+        if not (last_event_id.isascii() and last_event_id.isdigit()):
             raise InvalidInput(
                 f"Last-Event-ID {last_event_id!r} is not a revision",
                 hint="send the `id:` of the last event received",
