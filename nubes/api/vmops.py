@@ -18,6 +18,7 @@ from nubes.api.context import Caller
 from nubes.api.imageops import find_image
 from nubes.api.netops import (
     RACE_ATTEMPTS,
+    association_claim_key,
     lost_race,
     merge_guards,
     port_write_guards,
@@ -32,7 +33,7 @@ from nubes.api.routes.volumes import attachment_claim
 from nubes.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from nubes.ids import IdKind, new_id
 from nubes.model.common import NAME_PATTERN, Model, now
-from nubes.model.network import NetworkRecord, PortRecord, keypair_key_name
+from nubes.model.network import FloatingIpRecord, NetworkRecord, PortRecord, keypair_key_name
 from nubes.model.project import FlavorRecord, ProjectRecord, Usage
 from nubes.model.vm import (
     Flavor,
@@ -44,7 +45,7 @@ from nubes.model.vm import (
     VmStatus,
 )
 from nubes.scheduler.binding import HostAllocations, allocation_of, read_allocations
-from nubes.store.base import Compare, Delete, KeyValue, Put, Store
+from nubes.store.base import Compare, Delete, KeyValue, Put, Store, TxnOperation
 from nubes.store.keys import (
     Kind,
     host_allocations_key,
@@ -406,11 +407,33 @@ async def _ports_release(store: Store, record: VmRecord) -> list[Guards]:
                 )
             )
             parts.append(release_port_guards(port))
+            parts.extend(await _floating_ips_unbound(store, port))
         else:
             freed = port.model_copy(update={"spec": port.spec.model_copy(update={"vm": None})})
             parts.append(
                 Guards(compares=[Compare.unchanged(kv)], operations=[Put(key, freed.to_json())])
             )
+    return parts
+
+
+async def _floating_ips_unbound(store: Store, port: PortRecord) -> list[Guards]:
+    """Floating IPs pointing at `port` (about to be deleted) point nowhere, in the same
+    transaction, with their association claims released."""
+    parts: list[Guards] = []
+    for address in port.spec.ipv4:
+        claim = await store.get(association_claim_key(port.id, str(address)))
+        if claim is None or not isinstance(claim.value, str):
+            continue
+        fip_kv = await store.get(resource_key(Kind.FLOATING_IP, claim.value))
+        operations: list[TxnOperation] = [Delete(claim.key)]
+        compares = [Compare.unchanged(claim)]
+        if fip_kv is not None:
+            fip = FloatingIpRecord.from_json(fip_kv.value)
+            spec = fip.spec.model_copy(update={"port": None, "fixed_ip": None})
+            unbound = fip.model_copy(update={"spec": spec})
+            operations.append(Put(fip_kv.key, unbound.to_json()))
+            compares.append(Compare.unchanged(fip_kv))
+        parts.append(Guards(compares=compares, operations=operations))
     return parts
 
 

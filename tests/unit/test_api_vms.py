@@ -580,3 +580,29 @@ async def test_vms_made_at_once_on_a_small_subnet_all_get_their_own_address(
         full = await client.post("/v1/vms", json={**body, "name": "vm5"})
         assert full.status_code == 409
         assert (await usage(lab, "alpha")).vms == 5
+
+
+async def test_deleting_an_unplaced_vm_unbinds_the_floating_ip_of_its_port(
+    tmp_path: Path,
+) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        admin = await lab.admin()
+        outside = {"cidr": "198.19.0.0/24", "gateway": "198.19.0.1"}
+        made = await admin.post("/v1/networks", json={"name": "public", "external": outside})
+        assert made.status_code == 201, made.text
+        client = await setup(lab)
+        network = (await client.get("/v1/networks/net")).json()
+        way_out = await client.patch(
+            f"/v1/networks/{network['id']}", json={"external_gateway": "public"}
+        )
+        assert way_out.status_code == 200, way_out.text
+        vm = await create(client, networks=[{"network": "net"}])
+        [port] = vm["spec"]["ports"]
+        fip = (await client.post("/v1/floating-ips", json={"network": "public"})).json()
+        bound = await client.post(f"/v1/floating-ips/{fip['id']}/associate", json={"port": port})
+        assert bound.status_code == 200, bound.text
+
+        assert (await client.delete(f"/v1/vms/{vm['id']}")).status_code == 202
+        after = (await client.get(f"/v1/floating-ips/{fip['id']}")).json()
+        assert (after["spec"]["port"], after["spec"]["fixed_ip"]) == (None, None)
+        assert not [key for key in await keys(lab) if port in key]
