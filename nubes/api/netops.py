@@ -9,12 +9,12 @@ a delete reads that key before it looks for users and commits only if it did not
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from nubes.api.context import Caller
 from nubes.api.records import Guards, Records, name_guard, not_found
-from nubes.errors import Conflict, InvalidInput, NotFound
+from nubes.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from nubes.ids import IdKind, new_id
 from nubes.ipam import allocate_ipv4, random_mac, slaac_address
 from nubes.model.common import Model, now
@@ -168,6 +168,20 @@ async def lost_race(store: Store, guards: Guards) -> bool:
         if kv is not None and kv.value != owner:
             return True
     return False
+
+
+async def raced(store: Store, guards: Guards, write: Awaitable[int | None]) -> bool:
+    """Awaits `write`, a Records create or replace carrying `guards`: False once it is
+    written, True when it lost a race (something it read or picked changed meanwhile:
+    prepare it again). Any other conflict (a taken name, the quota) is raised."""
+    try:
+        return await write is None
+    except QuotaExceeded:
+        raise
+    except Conflict:
+        if await lost_race(store, guards):
+            return True
+        raise
 
 
 # -- lookups -----------------------------------------------------------------------------
@@ -561,13 +575,10 @@ async def create_port(store: Store, caller: Caller, **options: Any) -> PortRecor
     """
     for _ in range(RACE_ATTEMPTS):
         port_id, record, guards = await prepare_port(store, caller, **options)
-        try:
-            await Records(store).create(caller, Kind.PORT, port_id, record, guards)
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
-            continue
-        return record
+        if not await raced(
+            store, guards, Records(store).create(caller, Kind.PORT, port_id, record, guards)
+        ):
+            return record
     raise Conflict("the port's subnet kept changing while it was made", hint="try again")
 
 

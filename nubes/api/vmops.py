@@ -19,10 +19,10 @@ from nubes.api.imageops import find_image
 from nubes.api.netops import (
     RACE_ATTEMPTS,
     association_claim_key,
-    lost_race,
     merge_guards,
     port_write_guards,
     prepare_port,
+    raced,
     release_port_guards,
     takes_reference,
 )
@@ -351,15 +351,8 @@ async def create_vm(store: Store, caller: Caller, request: VmCreate) -> VmRecord
             takes_reference(image_kv, image.id, vm_id),
             Guards(names=name_guard(Kind.VM, caller.project, request.name, vm_id), usage=usage),
         )
-        try:
-            await records.create(caller, Kind.VM, vm_id, record, guards)
-        except QuotaExceeded:
-            raise
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
-            continue
-        return record
+        if not await raced(store, guards, records.create(caller, Kind.VM, vm_id, record, guards)):
+            return record
     raise Conflict("the VM's ports kept losing their addresses to other requests", hint="try again")
 
 

@@ -16,8 +16,8 @@ from nubes.api.netops import (
     association_claim_key,
     find_external,
     free_external_address,
-    lost_race,
     merge_guards,
+    raced,
     references_key,
     takes_reference,
 )
@@ -195,13 +195,9 @@ async def create_floating_ip(
             spec = spec.model_copy(update={"port": port_id, "fixed_ip": fixed_ip})
             guards = merge_guards(guards, associated)
         record = FloatingIpRecord(id=fip_id, project=caller.project, spec=spec, created_at=now())
-        try:
-            await Records(store).create(caller, Kind.FLOATING_IP, fip_id, record, guards)
-        except Conflict:
-            if await lost_race(store, guards):
-                continue
-            raise
-        return FloatingIpView(**record.model_dump())
+        written = Records(store).create(caller, Kind.FLOATING_IP, fip_id, record, guards)
+        if not await raced(store, guards, written):
+            return FloatingIpView(**record.model_dump())
     raise Conflict("the external network kept changing", hint="try again")
 
 
@@ -264,12 +260,8 @@ async def _point(
         if new is not None and new != old:
             guards.claims[new] = record.id
         updated = record.model_copy(update={"spec": spec})
-        try:
-            if await records.replace(caller, kv, updated, guards) is not None:
-                return await _view(records, updated)
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
+        if not await raced(store, guards, records.replace(caller, kv, updated, guards)):
+            return await _view(records, updated)
     raise Conflict(f"floating IP {fip_id} kept changing", hint="try again")
 
 

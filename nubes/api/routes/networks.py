@@ -24,8 +24,8 @@ from nubes.api.netops import (
     find_network,
     find_vpc,
     free_external_address,
-    lost_race,
     merge_guards,
+    raced,
     references_key,
     references_snapshot,
     scan,
@@ -267,13 +267,9 @@ async def create_network(body: NetworkCreate, ctx: ContextDep, caller: CallerDep
             guards = merge_guards(guards, taken)
         spec = NetworkSpec(name=body.name, mtu=body.mtu, gateway=gateway)
         record = NetworkRecord(id=network_id, project=caller.project, spec=spec, created_at=now())
-        try:
-            await records.create(caller, Kind.NETWORK, network_id, record, guards)
-        except Conflict:
-            if await lost_race(ctx.store, guards):
-                continue
-            raise
-        return record
+        written = records.create(caller, Kind.NETWORK, network_id, record, guards)
+        if not await raced(ctx.store, guards, written):
+            return record
     raise Conflict("the external network kept changing", hint="try again")
 
 
@@ -337,12 +333,8 @@ async def update_network(
         if body.mtu is not None:
             spec = spec.model_copy(update={"mtu": body.mtu})
         updated = record.model_copy(update={"spec": spec})
-        try:
-            if await records.replace(caller, kv, updated, guards) is not None:
-                return updated
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
+        if not await raced(store, guards, records.replace(caller, kv, updated, guards)):
+            return updated
     raise Conflict(f"network {network_id} kept changing", hint="try again")
 
 
@@ -515,13 +507,9 @@ async def create_subnet(body: SubnetCreate, ctx: ContextDep, caller: CallerDep) 
             takes_reference(network_kv, network.id, subnet_id),
         )
         record = SubnetRecord(id=subnet_id, project=caller.project, spec=spec, created_at=now())
-        try:
-            await Records(store).create(caller, Kind.SUBNET, subnet_id, record, guards)
-        except Conflict:
-            if await lost_race(store, guards):
-                continue
-            raise
-        return record
+        written = Records(store).create(caller, Kind.SUBNET, subnet_id, record, guards)
+        if not await raced(store, guards, written):
+            return record
     raise Conflict(f"network {body.network} kept changing", hint="try again")
 
 

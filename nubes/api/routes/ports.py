@@ -15,8 +15,8 @@ from nubes.api.netops import (
     create_port,
     find_groups,
     find_network,
-    lost_race,
     merge_guards,
+    raced,
     release_port_guards,
     takes_reference,
 )
@@ -189,12 +189,8 @@ async def update_port(
         if body.port_security is not None:
             spec = spec.model_copy(update={"port_security": body.port_security})
         updated = record.model_copy(update={"spec": spec})
-        try:
-            if await records.replace(caller, kv, updated, guards) is not None:
-                return await _view(records, updated)
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
+        if not await raced(store, guards, records.replace(caller, kv, updated, guards)):
+            return await _view(records, updated)
     raise Conflict(f"port {port_id} kept changing", hint="try again")
 
 

@@ -18,8 +18,8 @@ from nubes.api.netops import (
     RACE_ATTEMPTS,
     ResourceInUse,
     find_groups,
-    lost_race,
     merge_guards,
+    raced,
     references_key,
     references_snapshot,
     scan,
@@ -214,13 +214,9 @@ async def create_security_group(
         record = SecurityGroupRecord(
             id=group_id, project=caller.project, spec=spec, created_at=now()
         )
-        try:
-            await Records(store).create(caller, Kind.SECURITY_GROUP, group_id, record, guards)
-        except Conflict:
-            if await lost_race(store, guards):
-                continue
-            raise
-        return record
+        written = Records(store).create(caller, Kind.SECURITY_GROUP, group_id, record, guards)
+        if not await raced(store, guards, written):
+            return record
     raise Conflict("the groups its rules name kept changing", hint="try again")
 
 
@@ -269,12 +265,8 @@ async def _change(store: Store, caller: Caller, group_id: str, edit: Edit) -> Se
         kv, record = await records.get(Kind.SECURITY_GROUP, SecurityGroupRecord, caller, group_id)
         spec, guards = await edit(record)
         updated = record.model_copy(update={"spec": spec})
-        try:
-            if await records.replace(caller, kv, updated, guards) is not None:
-                return updated
-        except Conflict:
-            if not await lost_race(store, guards):
-                raise
+        if not await raced(store, guards, records.replace(caller, kv, updated, guards)):
+            return updated
     raise Conflict(f"security group {group_id} kept changing", hint="try again")
 
 
