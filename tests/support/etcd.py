@@ -1,8 +1,11 @@
-"""A real etcd for tests and benchmarks: loopback, free ports, its own data dir, always stopped."""
+"""A real etcd for tests and benchmarks: one member or a cluster of three, on loopback free
+ports, with their own data dirs, always stopped (by PID) at the end.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -28,7 +31,10 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member on loopback, started by the test and stopped by it (by PID)."""
 
-    def __init__(self, workdir: Path, name: str = "nubes-test") -> None:
+    def __init__(
+        self, workdir: Path, name: str = "nubes-test", *, cluster: str | None = None
+    ) -> None:
+        """`cluster`: the --initial-cluster of a member of a cluster (None: a cluster of one)."""
         if shutil.which(ETCD_BINARY) is None:
             raise RuntimeError(
                 "etcd is not installed: run scripts/setup (Debian package etcd-server)"
@@ -40,14 +46,24 @@ class EtcdServer:
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.cluster = cluster
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Starts the process without waiting (a cluster's members must start together)."""
         client_url = f"http://127.0.0.1:{self.client_port}"
-        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        peer_url = self.peer_url
         command = [
             ETCD_BINARY,
             f"--name={self.name}",
@@ -56,7 +72,11 @@ class EtcdServer:
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={self.name}={peer_url}",
+            f"--initial-cluster={self.cluster or f'{self.name}={peer_url}'}",
+            "--initial-cluster-token=nubes-test",
+            # Elections in about a second, as in a real cluster on a LAN.
+            "--heartbeat-interval=100",
+            "--election-timeout=1000",
             "--logger=zap",
             "--log-outputs=stderr",
         ]
@@ -64,6 +84,9 @@ class EtcdServer:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
             )
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -85,6 +108,21 @@ class EtcdServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def status(self) -> dict[str, object] | None:
+        """The member's maintenance status (its id and the leader's), None if it does not answer."""
+        url = f"http://127.0.0.1:{self.client_port}/v3/maintenance/status"
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=1) as response:  # noqa: S310 - http to our etcd
+                document = json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+        return document if isinstance(document, dict) else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def _healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.client_port}/health"
@@ -121,3 +159,88 @@ def running_etcd(workdir: Path) -> Iterator[EtcdServer]:
         yield server
     with contextlib.suppress(OSError):
         os.unlink(server.log_path)
+
+
+class EtcdCluster:
+    """Three (or `size`) etcd members on loopback that form one cluster; stopped by PID."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        names = [f"member{index}" for index in range(size)]
+        self.members = [EtcdServer(workdir, name) for name in names]
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.cluster = cluster
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [member.endpoint for member in self.members]
+
+    def start(self, timeout: float = 30.0) -> None:
+        for member in self.members:
+            member.launch()
+        for member in self.members:
+            member.wait_healthy(timeout)
+
+    def leader(self, timeout: float = 15.0) -> EtcdServer:
+        """The member that leads now (waits for an election to end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                if not member.running:
+                    continue
+                status = member.status()
+                if status is None:
+                    continue
+                header = status.get("header")
+                leader = status.get("leader")
+                if (
+                    isinstance(header, dict)
+                    and leader
+                    and str(header.get("member_id")) == str(leader)
+                ):
+                    return member
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the etcd cluster elected no leader within {timeout} s")
+            time.sleep(0.05)
+
+    def kill(self, member: EtcdServer) -> None:
+        """SIGKILL one member (by its PID), as a crashed machine would vanish."""
+        process, member.process = member.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+    def restart(self, member: EtcdServer, timeout: float = 30.0) -> None:
+        """Starts a stopped member again on its data dir; it rejoins the cluster."""
+        member.stop()
+        member.launch()
+        member.wait_healthy(timeout)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop()
+        for member in self.members:
+            shutil.rmtree(member.data_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(member.log_path)
