@@ -1,6 +1,6 @@
 """Scheduler benchmark: VM records → all bound by two scheduler daemons, per engine.
 
-    .venv/bin/python -m bench.scheduler [--engine sqlite|etcd|all] [--hosts 1000]
+    .venv/bin/python -m bench.scheduler [--engine sqlite|etcd|etcd3|all] [--hosts 1000]
                                         [--vms 10000] [--json]
 
 Host records and alive keys are written first (varied sizes, a few labelled), then two
@@ -10,6 +10,8 @@ transaction, so the write side is no bottleneck) and stops when this process's w
 has seen every VM bound. The store is then checked: every VM bound exactly once, the
 allocations match the records, no host over capacity (with overcommit), labels and
 anti-affinity respected. A trickle of single VMs then measures one VM's time to bound.
+`etcd` is one member; `etcd3` a three-member cluster on loopback, every client given
+all three endpoints (each write then waits for a majority of members).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from nubes.store import Put, Store
 from nubes.store.etcd import EtcdStore
 from nubes.store.keys import Kind, host_alive_key, kind_prefix, resource_key
 from nubes.store.sqlite import SqliteStore
-from tests.support.etcd import running_etcd
+from tests.support.etcd import EtcdCluster, running_etcd
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_BATCH = 100
@@ -57,7 +59,7 @@ FLAVORS = [
     Flavor(name="large", vcpus=4, memory_mb=8192, disk_gb=40),
 ]
 LABEL = {"gpu": "yes"}
-TARGETS = {"sqlite": 1_000.0, "etcd": 300.0}
+TARGETS = {"sqlite": 1_000.0, "etcd": 300.0, "etcd3": 300.0}
 
 
 def host_documents(count: int) -> list[tuple[str, Any]]:
@@ -197,7 +199,7 @@ async def run_worker(engine: str, target: str) -> None:
     if engine == "sqlite":
         store = await SqliteStore.open(Path(target))
     else:
-        store = await EtcdStore.connect([target])
+        store = await EtcdStore.connect(target.split(","))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     daemon = SchedulerDaemon(store, SchedulerConfig(resync_interval=600))
@@ -348,7 +350,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--engine", choices=["sqlite", "etcd", "all"], default="all")
+    parser.add_argument("--engine", choices=["sqlite", "etcd", "etcd3", "all"], default="all")
     parser.add_argument("--hosts", type=int, default=1_000)
     parser.add_argument("--vms", type=int, default=10_000)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -373,6 +375,15 @@ async def main() -> None:
                 results["etcd"] = await measure(
                     lambda: EtcdStore.connect([server.endpoint]),
                     [*worker, "etcd", server.endpoint],
+                    arguments.hosts,
+                    arguments.vms,
+                )
+        if arguments.engine in ("etcd3", "all"):
+            with EtcdCluster(Path(workdir) / "etcd3") as cluster:
+                endpoints = cluster.endpoints
+                results["etcd3"] = await measure(
+                    lambda: EtcdStore.connect(endpoints),
+                    [*worker, "etcd3", ",".join(endpoints)],
                     arguments.hosts,
                     arguments.vms,
                 )

@@ -1,10 +1,10 @@
 """The store on a real etcd (3.4+), spoken to over gRPC with the stubs aetcd ships.
 
 Calls wait for the connection to be ready (so a call made while etcd restarts
-simply waits for it), reads are retried when a connection drops mid-call,
-writes are not (their outcome would be unknown). Watches resume from the
-revision after the last one they received, so a restart neither loses nor
-repeats a change.
+simply waits for it), reads are retried when a connection drops mid-call, and a
+guarded write whose outcome a dropped call left unknown is settled from etcd's
+history (etcd_outcome.py). Watches resume from the revision after the last one
+they received, so a restart or a leader change neither loses nor repeats a change.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from aetcd import rpc
 
-from nubes.errors import CompactedError, ConfigError, LeaseNotFound, StoreError, StoreUnavailable
+from nubes.errors import ConfigError, LeaseNotFound, StoreError, StoreUnavailable
 from nubes.store.base import (
     Compare,
     CompareTarget,
     Delete,
-    EventType,
     Get,
     JsonValue,
     KeyValue,
@@ -37,7 +34,6 @@ from nubes.store.base import (
     TxnOperation,
     TxnResult,
     Watch,
-    WatchEvent,
     check_key,
     check_txn_size,
     decode_value,
@@ -45,6 +41,8 @@ from nubes.store.base import (
     prefix_end,
     range_start,
 )
+from nubes.store.etcd_outcome import anchor_of, applied_at, first_change_after
+from nubes.store.etcd_watch import EtcdWatch
 
 T = TypeVar("T")
 
@@ -56,6 +54,9 @@ _CHANNEL_OPTIONS = [
     # Notice a silent peer; etcd accepts pings every 5 s by default.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # With several members, keep a connection to each: when one dies, calls go on over
+    # the others at once instead of waiting for pick_first to dial the next address.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 _COMPARE_TARGETS = {
@@ -71,6 +72,11 @@ _COMPARE_RESULTS = {
     ">": rpc.Compare.GREATER,
 }
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE,)
+_UNKNOWN_OUTCOME = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class _OutcomeUnknown(StoreUnavailable):
+    """A write's call broke after it was sent: etcd may or may not have applied it."""
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:
@@ -123,6 +129,36 @@ def _kv(message: Any) -> KeyValue:
     )
 
 
+def _txn_result(response: Any) -> TxnResult:
+    responses: list[list[KeyValue] | int | None] = []
+    for item in response.responses:
+        kind = item.WhichOneof("response")
+        if kind == "response_range":
+            responses.append([_kv(kv) for kv in item.response_range.kvs])
+        elif kind == "response_delete_range":
+            responses.append(int(item.response_delete_range.deleted))
+        else:
+            responses.append(None)
+    return TxnResult(bool(response.succeeded), int(response.header.revision), responses)
+
+
+def _txn_request(
+    compares: Sequence[Compare],
+    on_success: Sequence[TxnOperation],
+    on_failure: Sequence[TxnOperation],
+) -> Any:
+    return rpc.TxnRequest(
+        compare=[_compare_message(compare) for compare in compares],
+        success=[_operation_message(operation) for operation in on_success],
+        failure=[_operation_message(operation) for operation in on_failure],
+    )
+
+
+def _lease_of(operations: Sequence[TxnOperation]) -> int:
+    leases = [op.lease for op in operations if isinstance(op, Put) and op.lease]
+    return leases[0] if leases else 0
+
+
 def _compare_message(compare: Compare) -> Any:
     message = rpc.Compare(
         key=check_key(compare.key),
@@ -170,7 +206,8 @@ class EtcdStore(Store):
         self._kv_stub = rpc.KVStub(self._channel)
         self._watch_stub = rpc.WatchStub(self._channel)
         self._lease_stub = rpc.LeaseStub(self._channel)
-        self._watches: set[_EtcdWatch] = set()
+        self._watches: set[EtcdWatch] = set()
+        self.settled = 0  # transactions whose lost answer was settled (settle_txn)
 
     @classmethod
     async def connect(cls, endpoints: Sequence[str], *, timeout: float = 10.0) -> EtcdStore:
@@ -218,6 +255,11 @@ class EtcdStore(Store):
                     await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 2, 1.0)
                     continue
+                if error.code() in _UNKNOWN_OUTCOME and not idempotent:
+                    raise _OutcomeUnknown(
+                        self._translate(error, lease_id).message,
+                        hint="read the key again before retrying",
+                    ) from None
                 raise self._translate(error, lease_id) from None
 
     def _translate(self, error: grpc.aio.AioRpcError, lease_id: int = 0) -> StoreError:
@@ -251,7 +293,8 @@ class EtcdStore(Store):
 
     async def put(self, key: str, value: JsonValue, *, lease: int = 0) -> int:
         request = rpc.PutRequest(key=check_key(key), value=encode_value(value), lease=lease)
-        response = await self._call(self._kv_stub.Put, request, idempotent=False, lease_id=lease)
+        # Writing the same value twice leaves the same state, so a broken call is retried.
+        response = await self._call(self._kv_stub.Put, request, idempotent=True, lease_id=lease)
         return int(response.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
@@ -268,29 +311,77 @@ class EtcdStore(Store):
         on_failure: Sequence[TxnOperation] = (),
     ) -> TxnResult:
         check_txn_size(on_success, on_failure)
-        request = rpc.TxnRequest(
-            compare=[_compare_message(compare) for compare in compares],
-            success=[_operation_message(operation) for operation in on_success],
-            failure=[_operation_message(operation) for operation in on_failure],
-        )
+        request = _txn_request(compares, on_success, on_failure)
         read_only = all(isinstance(op, Get) for op in (*on_success, *on_failure))
-        leases = [op.lease for op in (*on_success, *on_failure) if isinstance(op, Put) and op.lease]
-        response = await self._call(
-            self._kv_stub.Txn,
-            request,
-            idempotent=read_only,
-            lease_id=leases[0] if leases else 0,
-        )
-        responses: list[list[KeyValue] | int | None] = []
-        for item in response.responses:
-            kind = item.WhichOneof("response")
-            if kind == "response_range":
-                responses.append([_kv(kv) for kv in item.response_range.kvs])
-            elif kind == "response_delete_range":
-                responses.append(int(item.response_delete_range.deleted))
-            else:
-                responses.append(None)
-        return TxnResult(bool(response.succeeded), int(response.header.revision), responses)
+        try:
+            response = await self._call(
+                self._kv_stub.Txn, request, idempotent=read_only, lease_id=_lease_of(on_success)
+            )
+        except _OutcomeUnknown:
+            if anchor_of(compares, on_success, on_failure) is None:
+                raise
+            return await self.settle_txn(compares, on_success, on_failure)
+        return _txn_result(response)
+
+    async def settle_txn(
+        self,
+        compares: Sequence[Compare],
+        on_success: Sequence[TxnOperation],
+        on_failure: Sequence[TxnOperation] = (),
+    ) -> TxnResult:
+        """The outcome of a transaction already sent once whose answer was lost: send it
+        again (its guard stops a second application); when the guard then fails, etcd's
+        history tells whether the first attempt was the write that changed the guarded key.
+
+        Raises:
+            ValueError: the transaction has no guard that makes sending it again safe.
+            StoreUnavailable: etcd did not answer within the timeout.
+            StoreError: the history needed was compacted away.
+        """
+        anchor = anchor_of(compares, on_success, on_failure)
+        if anchor is None:
+            raise ValueError("only a create or a compare-and-swap can be settled")
+        self.settled += 1
+        request = _txn_request(compares, on_success, on_failure)
+        lease_id = _lease_of(on_success)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                response = await self._call(
+                    self._kv_stub.Txn, request, idempotent=False, lease_id=lease_id
+                )
+                break
+            except _OutcomeUnknown:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        result = _txn_result(response)
+        if result.succeeded:
+            return result
+        revision = await first_change_after(self, anchor)
+        if revision:
+            responses = await applied_at(self, revision, on_success)
+            if responses is not None:
+                return TxnResult(True, revision, responses)
+        return result
+
+    # The history the settling reads (etcd_outcome.History).
+
+    async def get_now(self, key: str) -> KeyValue | None:
+        return await self.get(key)
+
+    async def get_at(self, key: str, revision: int) -> KeyValue | None:
+        request = _range_request(key, prefix=False)
+        request.revision = revision
+        response = await self._call(self._kv_stub.Range, request, idempotent=True)
+        return _kv(response.kvs[0]) if response.kvs else None
+
+    async def count_at(self, key: str, prefix: bool, revision: int) -> int:
+        request = _range_request(key, prefix=prefix)
+        request.revision = revision
+        request.count_only = True
+        response = await self._call(self._kv_stub.Range, request, idempotent=True)
+        return int(response.count)
 
     async def current_revision(self) -> int:
         # A range over a key nobody writes reads only the header.
@@ -321,7 +412,10 @@ class EtcdStore(Store):
         if ttl < 1:
             raise ValueError(f"a lease lives at least 1 second, got ttl={ttl}")
         response = await self._call(
-            self._lease_stub.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), idempotent=False
+            # A grant lost with a broken call only leaves a lease that expires unused.
+            self._lease_stub.LeaseGrant,
+            rpc.LeaseGrantRequest(TTL=ttl),
+            idempotent=True,
         )
         if response.error:
             raise StoreError(f"etcd refused the lease: {response.error}")
@@ -354,12 +448,17 @@ class EtcdStore(Store):
         return int(response.TTL)
 
     async def lease_revoke(self, lease_id: int) -> None:
-        await self._call(
-            self._lease_stub.LeaseRevoke,
-            rpc.LeaseRevokeRequest(ID=lease_id),
-            idempotent=False,
-            lease_id=lease_id,
-        )
+        request = rpc.LeaseRevokeRequest(ID=lease_id)
+        try:
+            await self._call(
+                self._lease_stub.LeaseRevoke, request, idempotent=False, lease_id=lease_id
+            )
+        except _OutcomeUnknown:
+            # Revoke again: "not found" then means the first attempt did it.
+            with contextlib.suppress(LeaseNotFound):
+                await self._call(
+                    self._lease_stub.LeaseRevoke, request, idempotent=True, lease_id=lease_id
+                )
 
     # -- watches ----------------------------------------------------------------
 
@@ -367,130 +466,14 @@ class EtcdStore(Store):
         check_key(prefix)
         if from_revision is not None and from_revision < 1:
             raise ValueError(f"revisions start at 1, got from_revision={from_revision}")
-        watch = _EtcdWatch(self, prefix, from_revision)
+        watch = EtcdWatch(self, prefix, from_revision)
         self._watches.add(watch)
         return watch
 
-    def _forget_watch(self, watch: _EtcdWatch) -> None:
+    def _forget_watch(self, watch: EtcdWatch) -> None:
         self._watches.discard(watch)
 
     async def close(self) -> None:
         for watch in list(self._watches):
             await watch.close()
         await self._channel.close()
-
-
-class _EtcdWatch(Watch):
-    """One gRPC watch stream, reopened after a disconnection from the next unseen revision."""
-
-    def __init__(self, store: EtcdStore, prefix: str, from_revision: int | None) -> None:
-        self._store = store
-        self._prefix = prefix
-        self._next_revision = from_revision
-        self._queue: deque[WatchEvent] = deque()
-        self._call: Any = None
-        self._closed = False
-
-    async def __aenter__(self) -> Self:
-        await self._ensure_stream()
-        return self
-
-    async def __anext__(self) -> WatchEvent:
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            await self._ensure_stream()
-            try:
-                response = await self._call.read()
-            except grpc.aio.AioRpcError as error:
-                if self._closed:
-                    raise StopAsyncIteration from None
-                if error.code() in _TRANSIENT or error.code() is grpc.StatusCode.CANCELLED:
-                    # Reopen from the next unseen revision, after a pause so that a
-                    # stream that keeps breaking as it opens does not spin.
-                    self._call = None
-                    await asyncio.sleep(random.uniform(0.02, 0.1))  # noqa: S311 - jitter
-                    continue
-                raise self._store._translate(error) from None
-            if response is grpc.aio.EOF:
-                self._call = None
-                continue
-            self._take(response)
-        return self._queue.popleft()
-
-    def _take(self, response: Any) -> None:
-        if response.canceled:
-            self._call = None
-            if response.compact_revision:
-                raise CompactedError(self._next_revision or 0, int(response.compact_revision))
-            raise StoreError(f"etcd cancelled the watch: {response.cancel_reason or 'no reason'}")
-        for event in response.events:
-            kv = event.kv
-            revision = int(kv.mod_revision)
-            key = bytes(kv.key).decode("ascii")
-            if event.type == rpc.Event.DELETE:
-                self._queue.append(WatchEvent(EventType.DELETE, key, None, revision))
-            else:
-                self._queue.append(
-                    WatchEvent(
-                        EventType.PUT,
-                        key,
-                        decode_value(kv.value),
-                        revision,
-                        int(kv.create_revision),
-                        int(kv.version),
-                    )
-                )
-            self._next_revision = revision + 1
-
-    async def _ensure_stream(self) -> None:
-        """Open the stream (again), waiting up to the store timeout for etcd to come back."""
-        if self._call is not None or self._closed:
-            return
-        deadline = time.monotonic() + self._store.timeout
-        delay = 0.05
-        while True:
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await self._open_stream()
-                return
-            except TimeoutError:
-                raise self._store._unavailable(
-                    f"could not be reached for {self._store.timeout:g} s to watch {self._prefix}"
-                ) from None
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _TRANSIENT or time.monotonic() > deadline:
-                    raise self._store._translate(error) from None
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
-                delay = min(delay * 2, 1.0)
-
-    async def _open_stream(self) -> None:
-        call = self._store._watch_stub.Watch(wait_for_ready=True)
-        request = rpc.WatchCreateRequest(
-            key=check_key(self._prefix),
-            range_end=prefix_end(self._prefix).encode("ascii"),
-            start_revision=self._next_revision or 0,
-        )
-        try:
-            await call.write(rpc.WatchRequest(create_request=request))
-            created = await call.read()
-        except BaseException:
-            call.cancel()
-            raise
-        if created is grpc.aio.EOF:
-            call.cancel()
-            raise self._store._unavailable("closed the watch stream as it opened")
-        if self._next_revision is None:
-            self._next_revision = int(created.header.revision) + 1
-        self._call = call
-        # The creation answer may already carry a cancellation (compacted start revision).
-        if created.canceled or created.events:
-            self._take(created)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._call is not None:
-            with contextlib.suppress(Exception):
-                self._call.cancel()
-            self._call = None
-        self._store._forget_watch(self)
