@@ -16,6 +16,7 @@ from nubes.cli import (
     network,
     node,
     security_group,
+    store,
     vm,
     volume,
 )
@@ -50,6 +51,7 @@ for group in (
     auth.token_app,
     auth.totp_app,
     host.app,
+    store.app,
 ):
     app.add_typer(group)
 # The daemons and the all-in-one node.
