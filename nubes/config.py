@@ -123,7 +123,12 @@ class AgentConfig(_Section):
         default=30.0, gt=0, le=3600, description="seconds between full reconcile passes"
     )
     heartbeat_ttl: int = Field(
-        default=10, ge=2, le=300, description="seconds the host stays alive without a heartbeat"
+        default=8,
+        ge=2,
+        le=300,
+        # 8, not 10: etcd ends a lease up to 0.5 s after its TTL, and the last keepalive
+        # came before the host died, so a dead host is down within 10 s.
+        description="seconds the host stays alive without a heartbeat",
     )
     hotplug_slots: int = Field(
         default=8, ge=0, le=30, description="PCIe slots kept free for volume hotplug"
@@ -132,11 +137,34 @@ class AgentConfig(_Section):
         default=IPv4Address("127.0.0.1"),
         description="the address VXLAN tunnels bind on this host (the host's underlay IP)",
     )
+    underlay_netns: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the network namespace that holds underlay_address (default: the agent's own)",
+    )
     vxlan_port: int = Field(default=4789, ge=1, le=65535, description="VXLAN UDP port")
     external_bridges: dict[str, str] = Field(
         default_factory=dict,
         description="external network's physical_network -> host bridge its VPCs plug into",
     )
+
+    storage_pools: dict[str, Path] = Field(
+        default_factory=dict,
+        description="shared storage pools: name -> a directory every host mounts at the same "
+        "path (NFS, CephFS); 'local' is the agent's state dir and always exists",
+    )
+
+    @field_validator("storage_pools")
+    @classmethod
+    def _pool_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name, path in value.items():
+            if name == "local":
+                raise ValueError("the pool name 'local' is reserved for the agent's state dir")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+                raise ValueError(f"{name!r} is not a storage pool name (letters, digits, ._-)")
+            if not path.is_absolute():
+                raise ValueError(f"storage pool {name}: {str(path)!r} is not an absolute path")
+        return value
 
     @field_validator("external_bridges")
     @classmethod

@@ -21,9 +21,10 @@ from nubes.errors import InvalidInput, LeaseNotFound, StoreError
 from nubes.model.common import now
 from nubes.model.host import HostCapacity, HostRecord
 from nubes.store.base import Compare, Put, Store
-from nubes.store.keys import Kind, host_alive_key, resource_key
+from nubes.store.keys import Kind, host_alive_key, host_stopped_key, resource_key
 
 log = logging.getLogger(__name__)
+
 
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_API_VERSION = 12
@@ -185,6 +186,7 @@ class HostRegistration:
         else:
             await self._store.put(key, self._record.to_json())
         await self._grant()
+        await self._store.delete(host_stopped_key(self._record.name))  # alive again
         self._task = asyncio.create_task(self._beat(), name=f"heartbeat {self._record.name}")
 
     async def _grant(self) -> None:
@@ -211,11 +213,19 @@ class HostRegistration:
                 log.warning("heartbeat of %s failed: %s", self._record.name, error)
 
     async def stop(self) -> None:
-        """Stops the heartbeat and removes the alive key at once (a clean shutdown)."""
+        """Stops the heartbeat; writes the `stopped` key, then removes the alive key at once
+        (a clean shutdown: the VMs run on, the host's fencer keeps `stopped` alive)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._lease:
+            with contextlib.suppress(StoreError):
+                lease = await self._store.lease_grant(self._ttl)
+                await self._store.put(
+                    host_stopped_key(self._record.name),
+                    {"since": now().isoformat(), "boot_id": self._record.boot_id},
+                    lease=lease.id,
+                )
             with contextlib.suppress(StoreError):
                 await self._store.lease_revoke(self._lease)

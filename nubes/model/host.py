@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from pydantic import Field
 
@@ -23,6 +24,23 @@ class HostRecord(Model):
     accel: str
     labels: dict[str, str] = Field(default_factory=dict)
     underlay_address: str | None = None
+    storage_pools: list[str] = Field(
+        default_factory=list, description="the shared storage pools this host mounts"
+    )
     agent_version: str
     boot_id: str
     started_at: datetime
+
+
+class HostLiveness(StrEnum):
+    UP = "up"
+    DOWN = "down"
+
+
+class HostStatus(Model):
+    """Written by the scheduler's host monitor at `/nubes/hosts/<name>/status`: whether
+    the host's heartbeat is there, since when, and why it is down."""
+
+    state: HostLiveness
+    since: datetime
+    reason: str | None = None

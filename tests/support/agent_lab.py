@@ -39,6 +39,7 @@ from nubes.store.base import Compare, Put
 from nubes.store.keys import ROOT, Kind, resource_key, status_key
 from nubes.store.sqlite import SqliteStore
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
+from tests.support.processes import stop_fencer
 
 HOST = "lab-host"
 # Set on a test's node by tests/integration/conftest.py when the test failed.
@@ -131,6 +132,7 @@ class AgentLab:
         try:
             self.stop_agent()
         finally:
+            stop_fencer(self.agent_state, self.run_dir)
             try:
                 for pid in scan_qemu_processes(self.prefix).values():
                     signal_process(pid, signal.SIGKILL)

@@ -44,7 +44,7 @@ from nubes.store.keys import ROOT, Kind, host_alive_key, resource_key, status_ke
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
 from tests.support.agent_lab import TEST_FAILED, TINY, LabTimeout, list_netns_names
 from tests.support.etcd import EtcdCluster
-from tests.support.processes import stop_process
+from tests.support.processes import stop_fencer, stop_process
 
 UNDERLAY = ipaddress.IPv4Network("198.18.64.0/24")
 UNDERLAY_LINK = "ul0"
@@ -181,6 +181,8 @@ class ClusterLab:
             for host in self.hosts:
                 self.stop_agent(host)
         finally:
+            for host in self.hosts:
+                stop_fencer(host.state_dir, host.run_dir)
             try:
                 for host in self.hosts:
                     for pid in scan_qemu_processes(host.prefix).values():

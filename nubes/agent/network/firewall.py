@@ -48,6 +48,10 @@ UNSPECIFIED_V4 = "0.0.0.0"  # noqa: S104 - the source of a DHCP client without a
 _ND_TO_PORT = [130, 131, 132, 134, 135, 136, 143]
 _ND_FROM_PORT = [131, 132, 133, 135, 136, 143]
 _ROUTER_ONLY_ICMPV6 = [134, 137]  # router advertisement, redirect
+# DHCP, DHCPv6 and router solicitations/advertisements stay on their host: each host's
+# dnsmasq answers its own VMs, and another host's must not answer them over the overlay.
+_HOST_LOCAL_UDP = [67, 68, 546, 547]
+_HOST_LOCAL_ICMPV6 = [133, 134]
 
 
 class FirewallError(NubesError):
@@ -128,6 +132,37 @@ def port_out_rules(port: PortPlan) -> list[list[Expr]]:
     rules.append([match(payload("ether", "type"), "ip6"), ACCEPT])
     rules.append([DROP])  # VLAN tags and every other ethertype
     return rules
+
+
+def overlay_rules() -> list[list[Expr]]:
+    """Frames between a DHCP-served subnet's VXLAN and the bridge: what stays on the host."""
+    return [
+        [match(payload("udp", "dport"), anonymous_set(_HOST_LOCAL_UDP)), DROP],
+        [match(payload("icmpv6", "type"), anonymous_set(_HOST_LOCAL_ICMPV6)), DROP],
+    ]
+
+
+def _overlay_objects(plan: VpcPlan) -> list[dict[str, Any]]:
+    """Base chains that send what enters from or leaves to a DHCP-served subnet's VXLAN
+    through `overlay_rules` (no chains when no subnet here serves DHCP)."""
+    family = "bridge"
+    vxlans = sorted(subnet.vxlan for subnet in plan.subnets if subnet.dhcp)
+    if not vxlans:
+        return []
+    commands = [
+        _chain(family, "overlay"),
+        # Before the ports' own chains (-300 and -100): this is about the host, not a port.
+        _chain(family, "overlay_in", ("filter", "prerouting", -310)),
+        _chain(family, "overlay_out_forward", ("filter", "forward", -110)),
+        _chain(family, "overlay_out_output", ("filter", "output", -110)),
+    ]
+    commands += [_rule(family, "overlay", rule) for rule in overlay_rules()]
+    entering = match(meta("iifname"), anonymous_set(vxlans))
+    leaving = match(meta("oifname"), anonymous_set(vxlans))
+    commands.append(_rule(family, "overlay_in", [entering, jump("overlay")]))
+    for chain in ("overlay_out_forward", "overlay_out_output"):
+        commands.append(_rule(family, chain, [leaving, jump("overlay")]))
+    return commands
 
 
 def port_in_rules(port: PortPlan) -> list[list[Expr]]:
@@ -231,7 +266,7 @@ def _bridge_table(plan: VpcPlan) -> list[dict[str, Any]]:
         vmap = {"vmap": {"key": meta("oifname"), "data": {"set": entries}}}
         rules += [_rule(family, chain, [vmap]) for chain in ("ports_in_forward", "ports_in_output")]
     group_objects, group_rules = _group_objects(plan, Direction.INGRESS, family)
-    return objects + group_objects + group_rules + rules
+    return objects + group_objects + group_rules + rules + _overlay_objects(plan)
 
 
 def _inet_table(plan: VpcPlan) -> list[dict[str, Any]]:

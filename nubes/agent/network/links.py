@@ -327,16 +327,18 @@ async def ensure_vxlan(
     bridge: str,
     mtu: int,
     dstport: int = 4789,
+    underlay_netns: str | None = None,
 ) -> None:
     """VXLAN `name` with `vni` is up in `netns` and enslaved to `bridge`.
 
-    Its UDP socket must bind the underlay in the agent's own namespace. A VXLAN opens its
-    socket in the namespace the creating request came from, so one request sent from the
-    agent's namespace creates it right inside `netns`, named, enslaved and up: the same
-    as making it here and moving it, without the move (10-20 ms of RCU grace periods).
-    `staging_name` is the name such a move would use; a leftover device by that name in
-    the agent's namespace is removed. Learning is off: forwarding entries are programmed
-    from the store. One with another VNI, address or port is replaced.
+    Its UDP socket must bind the underlay, in `underlay_netns` (None: the agent's own
+    namespace). A VXLAN opens its socket in the namespace the creating request came from,
+    so one request sent from the underlay namespace creates it right inside `netns`,
+    named, enslaved and up: the same as making it there and moving it, without the move
+    (10-20 ms of RCU grace periods). `staging_name` is the name such a move would use; a
+    leftover device by that name in the underlay namespace is removed. Learning is off
+    and ARP/ND proxy on: forwarding and neighbour entries are programmed from the store
+    (`ensure_overlay`). One with another VNI, address, port or those flags is replaced.
 
     Raises:
         LinkError: the namespace or the bridge is missing, or netlink refused a change.
@@ -351,12 +353,15 @@ async def ensure_vxlan(
                     and _info(link, "IFLA_VXLAN_ID") == vni
                     and _info(link, "IFLA_VXLAN_LOCAL") == str(local)
                     and _info(link, "IFLA_VXLAN_PORT") == dstport
+                    and not _info(link, "IFLA_VXLAN_LEARNING")
+                    and _info(link, "IFLA_VXLAN_PROXY")
                 )
                 if same:
                     await _set_up(ipr, link, mtu=mtu, master=master)
                     return
                 await _delete_index(ipr, link["index"])
-        async with _rtnl(None) as host:
+        # The kernel refuses to change proxy or learning on a VXLAN: it is made anew.
+        async with _rtnl(underlay_netns) as host:
             leftover = await _link(host, staging_name)
             if leftover is not None:
                 await _delete_index(host, leftover["index"])
@@ -370,6 +375,7 @@ async def ensure_vxlan(
                         vxlan_local=str(local),
                         vxlan_port=dstport,
                         vxlan_learning=0,
+                        vxlan_proxy=1,
                         mtu=mtu,
                         net_ns_fd=netns,
                         master=master,  # an index in the new link's namespace

@@ -21,16 +21,19 @@ from nubes.agent.network import names
 from nubes.agent.network.links import list_netns
 from nubes.agent.network.metadata.documents import InstanceMetadata, NicMetadata
 from nubes.agent.network.metadata.server import MetadataServer
+from nubes.agent.network.overlay import parse_underlay
 from nubes.agent.network.plan import VpcPlan
 from nubes.agent.network.planner import NetworkRecords, hostname_of, port_ipv6
 from nubes.agent.network.vpc_controller import VpcController
 from nubes.errors import InvalidInput, NotFound
 from nubes.ids import IdKind, is_id
+from nubes.model.host import HostRecord
 from nubes.model.network import (
     FloatingIpRecord,
     KeypairRecord,
     NetworkRecord,
     PortRecord,
+    PortStatus,
     SubnetRecord,
 )
 from nubes.model.security_group import SecurityGroupRecord
@@ -64,9 +67,13 @@ class NetworkManager:
         self.ctx = ctx
         self.records = NetworkRecords()
         self.keypairs: dict[tuple[str, str], KeypairRecord] = {}
+        # The overlay across hosts: where each port is active, how each host is reached.
+        self.port_statuses: dict[str, PortStatus] = {}
+        self.underlays: dict[str, ipaddress.IPv4Address] = {}
         self.metadata = MetadataServer(self.resolve)
         self._spawn = spawn
         self._claims: dict[str, _Claim] = {}
+        self._held: set[str] = set()  # VMs arriving by live migration
         self._controllers: dict[str, VpcController] = {}
         # (vpc, address) -> VM id, for the ports whose source address can be trusted
         self._identities: dict[str, dict[IpAddress, str]] = {}
@@ -110,6 +117,46 @@ class NetworkManager:
         else:
             table[name] = record
         self._kick_affected(kind, name)
+
+    def on_port_status(self, port_id: str, value: JsonValue | None) -> None:
+        """A port's status changed (None: deleted): the VXLANs of its subnet follow it."""
+        status = None
+        if value is not None:
+            with contextlib.suppress(InvalidInput):
+                status = PortStatus.from_json(value)
+        old = self.port_statuses.get(port_id)
+        if status is None:
+            self.port_statuses.pop(port_id, None)
+        else:
+            self.port_statuses[port_id] = status
+        where = (status.state, status.host) if status is not None else None
+        if old is not None and where == (old.state, old.host):
+            return  # the same place: nothing to program
+        port = self.records.ports.get(port_id)
+        if port is None:
+            self._kick_overlays(None)
+        else:
+            self._kick_overlays(port.spec.subnet)
+
+    def on_host(self, name: str, value: JsonValue | None) -> None:
+        """A host record changed (None: deleted): its underlay address may have too."""
+        address = None
+        if value is not None:
+            with contextlib.suppress(InvalidInput):
+                address = parse_underlay(HostRecord.from_json(value).underlay_address)
+        if self.underlays.get(name) == address:
+            return
+        if address is None:
+            self.underlays.pop(name, None)
+        else:
+            self.underlays[name] = address
+        self._kick_overlays(None)
+
+    def _kick_overlays(self, subnet_id: str | None) -> None:
+        """The VPCs here that carry `subnet_id` (None: any) reprogram their VXLANs."""
+        for controller in self._controllers.values():
+            if subnet_id is None or controller.has_subnet(subnet_id):
+                controller.kick_overlay()
 
     def _on_keypair(self, name: str, value: JsonValue | None) -> None:
         project, _, key_name = name.partition(":")
@@ -180,9 +227,32 @@ class NetworkManager:
 
     def release(self, vm_id: str) -> None:
         """The VM's QEMU is gone from this host for good: its ports may go too."""
+        self._held.discard(vm_id)
         claim = self._claims.pop(vm_id, None)
         if claim is not None:
             self._controller(claim.vpc_id).kick()
+
+    def hold_statuses(self, vm_id: str) -> None:
+        """A VM arriving by live migration: its ports are set up here (taps, firewall,
+        DHCP), but their statuses, and so every host's forwarding to them, stay with the
+        source host until the switch transaction moves them."""
+        self._held.add(vm_id)
+
+    def release_statuses(self, vm_id: str) -> None:
+        """The switch (or a rollback) happened: this host speaks for the VM's ports again."""
+        self._held.discard(vm_id)
+        claim = self._claims.get(vm_id)
+        if claim is not None:
+            self._controller(claim.vpc_id).kick()
+
+    def held_ports(self, vpc_id: str) -> set[str]:
+        """The ports of `vpc_id` claimed here whose statuses the source host still owns."""
+        return {
+            port_id
+            for vm_id, claim in self._claims.items()
+            if vm_id in self._held and claim.vpc_id == vpc_id
+            for port_id in claim.ports
+        }
 
     def claimed_ports(self, vpc_id: str) -> dict[str, str]:
         """Port id -> VM id, for the ports of `vpc_id` claimed on this host."""

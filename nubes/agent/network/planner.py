@@ -1,8 +1,9 @@
 """From store records to the plan of one VPC on this host (pure: no host access).
 
-The plan holds the subnets, ports, security groups, external gateway and floating IPs
-that the ports claimed on this host need, and nothing else: a subnet is on a host while
-one of its ports is, the namespace while one of its subnets is.
+The plan holds the ports claimed on this host and what they need: every subnet of their
+VPC (the distributed gateway routes between subnets on each host, so a VM here reaches
+a VM of another subnet on another host), security groups, external gateway and floating
+IPs. The namespace is on a host while one of its ports is.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def build_vpc_plan(
                 vm_id=claimed[port_id],
                 hostname=hostname_of(vm.spec.name) if vm is not None else None,
             )
+        )
+    if subnet_ids:
+        # Routed traffic to another subnet leaves this host on that subnet's VXLAN.
+        subnet_ids.update(
+            subnet.id
+            for subnet in records.subnets.values()
+            if subnet.spec.network == vpc_id and not subnet.deleting
         )
     subnets = tuple(
         _subnet_plan(records.subnets[subnet_id], mtu) for subnet_id in sorted(subnet_ids)

@@ -14,11 +14,13 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from nubes.agent.controller import Controller
-from nubes.agent.network import conntrack, firewall, links, names
+from nubes.agent.network import conntrack, firewall, forwarding, links, names
 from nubes.agent.network.dhcp import Dnsmasq
+from nubes.agent.network.overlay import build_overlay_plan
 from nubes.agent.network.plan import VpcPlan
 from nubes.agent.network.planner import PlanProblem, build_vpc_plan
 from nubes.agent.status import StatusWriter, differs
@@ -57,6 +59,21 @@ class VpcController(Controller):
         self._external_made = False
         self._floating: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
         self._written: dict[str, PortStatus | FloatingIpStatus] = {}
+        self._full_pass = True  # False: only the overlay entries may have changed
+        self._unreachable_logged: frozenset[str] = frozenset()
+
+    def kick(self, *, resync: bool = False) -> None:
+        self._full_pass = True
+        super().kick(resync=resync)
+
+    def kick_overlay(self) -> None:
+        """Asks for a pass that only reprograms the VXLANs' forwarding and neighbour
+        entries (a port moved between other hosts); any other kick makes it a full pass."""
+        super().kick()
+
+    def has_subnet(self, subnet_id: str) -> bool:
+        """Whether the subnet is on this host, as the last pass made it."""
+        return self.plan is not None and any(s.subnet_id == subnet_id for s in self.plan.subnets)
 
     # -- asked by VM controllers -----------------------------------------------------------
 
@@ -81,6 +98,14 @@ class VpcController(Controller):
     # -- one pass --------------------------------------------------------------------------
 
     async def reconcile(self, *, resync: bool = False) -> None:
+        full, self._full_pass = self._full_pass, False
+        if not full and not resync and self.plan is not None:
+            try:
+                await self._converge_overlay(self.plan)
+            except Exception:
+                self._full_pass = True
+                raise
+            return
         number = self._asked
         try:
             await self._converge()
@@ -140,7 +165,9 @@ class VpcController(Controller):
                 bridge=subnet.bridge,
                 mtu=subnet.mtu,
                 dstport=ctx.config.vxlan_port,
+                underlay_netns=ctx.config.underlay_netns,
             )
+        await self._converge_overlay(plan)
         for port in plan.ports:
             subnet_plan = plan.subnet(port.subnet_id)
             await links.ensure_tap(
@@ -160,6 +187,39 @@ class VpcController(Controller):
         self.plan = plan
         self.manager.plan_applied(self.vpc_id, plan)
         await self._write_statuses(plan, problems)
+
+    async def _converge_overlay(self, plan: VpcPlan) -> None:
+        """Each subnet's VXLAN carries the flood, FDB and neighbour entries of the ports
+        active on other hosts (l2pop, overlay.py)."""
+        started = time.perf_counter()
+        manager = self.manager
+        unreachable: set[str] = set()
+        for subnet in plan.subnets:
+            overlay = build_overlay_plan(
+                host=self.ctx.host,
+                subnet=subnet,
+                records=manager.records,
+                port_statuses=manager.port_statuses,
+                underlays=manager.underlays,
+            )
+            unreachable |= overlay.unreachable_hosts
+            changes = await forwarding.ensure_overlay(self.netns, subnet.vxlan, overlay)
+            if changes.written or changes.removed:
+                log.debug(
+                    "%s: overlay of %s: %d written, %d removed in %.1f ms",
+                    self.vpc_id,
+                    subnet.subnet_id,
+                    changes.written,
+                    changes.removed,
+                    (time.perf_counter() - started) * 1000,
+                )
+        if unreachable and frozenset(unreachable) != self._unreachable_logged:
+            log.warning(
+                "%s: ports are active on hosts with no known underlay address: %s",
+                self.vpc_id,
+                ", ".join(sorted(unreachable)),
+            )
+        self._unreachable_logged = frozenset(unreachable)
 
     async def _remove_stale_links(self, plan: VpcPlan, existing: dict[str, str]) -> None:
         wanted = {port.tap for port in plan.ports}
@@ -234,7 +294,10 @@ class VpcController(Controller):
         records = self.manager.records
         host = self.ctx.host
         active = {port.port_id: port for port in (plan.ports if plan else ())}
+        held = self.manager.held_ports(self.vpc_id)
         for port_id in sorted(set(active) | set(self._port_writers)):
+            if port_id in held:
+                continue  # neither written nor released: the source owns it until the switch
             writer = self._port_writers.setdefault(
                 port_id, StatusWriter(self.ctx.store, status_key(Kind.PORT, port_id))
             )

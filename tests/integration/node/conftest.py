@@ -32,6 +32,7 @@ from nubes.agent.compute.cgroup import CgroupError, CpuWeights
 from nubes.agent.compute.process import scan_qemu_processes
 from nubes.cli.background import NodeFiles, is_node_process, read_pid
 from tests.support.agent_lab import TEST_FAILED, list_netns_names
+from tests.support.processes import stop_fencer
 
 NUBES = str(Path(sys.executable).parent / "nubes")
 
@@ -136,6 +137,7 @@ class NodeLab:
         try:
             self._stop_node()
         finally:
+            stop_fencer(self.state_dir / "agent", self.run_dir)
             try:
                 for pid in scan_qemu_processes(self.prefix).values():
                     with contextlib.suppress(ProcessLookupError):
