@@ -15,7 +15,8 @@ from nubes.agent.runtime import VmRuntime
 from nubes.agent.status import differs
 from nubes.agent.storage import qemu_img, snapshots
 from nubes.agent.storage.images import CachedImage
-from nubes.agent.storage.volumes import delete_volume, ensure_volume, grow_volume, volume_path
+from nubes.agent.storage.pools import LOCAL_POOL, StoragePools, UnknownPool, shared_base
+from nubes.agent.storage.volumes import delete_volume, ensure_volume, grow_volume
 from nubes.errors import InvalidInput, NotFound, NubesError
 from nubes.model.common import now
 from nubes.model.image import ImageRecord
@@ -35,6 +36,7 @@ class VolumeController(Controller):
         self.volume_id = volume_id
         # (spec revision, holding VM) of the last pass that did the file work.
         self._applied: tuple[int, str | None] | None = None
+        self._pools = StoragePools(context.paths.state_dir, context.config.storage_pools)
 
     async def reconcile(self, *, resync: bool = False) -> None:
         kv = await self.ctx.store.get(self.key)
@@ -47,12 +49,22 @@ class VolumeController(Controller):
                 return
         status_kv = await self.status_writer.read()
         status = None if status_kv is None else _status_or_none(status_kv.value)
-        path = volume_path(self.ctx.paths.state_dir, self.volume_id)
+        kept_here = record is not None and record.spec.host == self.ctx.host
+        try:
+            pool = self._pools.get(record.spec.pool if record else LOCAL_POOL, host=self.ctx.host)
+        except UnknownPool as error:
+            if kept_here:
+                await self._write(status, state=VolumeState.ERROR, reason=str(error))
+                return
+            pool = self._pools.get(LOCAL_POOL, host=self.ctx.host)  # not ours: nothing here
+        path = pool.volume(self.volume_id)
 
-        if record is None or record.spec.host != self.ctx.host:
-            # Gone, or kept elsewhere now: drop what this host holds, unless a VM still uses it.
+        if record is None or not kept_here:
+            # Gone, or kept elsewhere now: drop what this host holds, unless a VM still uses
+            # it. A file on a shared pool is never this host's to drop: its new host uses it.
             if self.ctx.holder_of(self.volume_id) is None:
-                await delete_volume(path)
+                if not pool.shared:
+                    await delete_volume(path)
                 if status is not None and status.host == self.ctx.host:
                     await self.status_writer.delete()
                 self.ctx.volumes.pop(self.volume_id, None)
@@ -158,6 +170,9 @@ class VolumeController(Controller):
         if not _exists(path):
             status = await self._write(status, state=VolumeState.CREATING, reason=None)
             base = await self._base_image(spec.image)
+            pool = self._pools.get(spec.pool, host=self.ctx.host)
+            if base is not None and pool.shared:
+                base = await shared_base(pool, base)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             await ensure_volume(path, spec.size_gb, base)
         if runtime is not None and runtime.session is not None:

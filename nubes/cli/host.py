@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from nubes.cli.common import api, columns, field, show_many, show_one
+from nubes.cli.common import api, columns, field, reporting, show_many, show_one
 from nubes.cli.output import OutputFormat, OutputOption, print_json, print_table
 from nubes.client.base import HOST
 
@@ -19,6 +19,7 @@ app = typer.Typer(name="host", help="Hosts and their agents.", no_args_is_help=T
 
 HOST_COLUMNS = columns(
     "name",
+    ("state", lambda r: str(r.get("state", "up" if r.get("alive") else "down"))),
     "alive",
     "accel",
     ("vcpus", lambda r: f"{r['allocated']['vcpus']}/{r['capacity'].get('vcpus', '?')}"),
@@ -57,7 +58,8 @@ def gc(
 ) -> None:
     """Find QEMU processes, VM files, volumes, cached images and cgroups with this
     agent's marks that the store does not know, and remove them."""
-    found, removed = asyncio.run(_gc(remove=not dry_run))
+    with reporting(output):
+        found, removed = asyncio.run(_gc(remove=not dry_run))
     if output is OutputFormat.JSON:
         print_json(
             {

@@ -44,13 +44,16 @@ def create(
         int | None, typer.Option("--size", help="GiB (default: the image's size).")
     ] = None,
     image: Annotated[str | None, typer.Option("--image", help="Start from this image.")] = None,
+    pool: Annotated[
+        str | None, typer.Option("--pool", help="Storage pool (default: local).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it is available.")] = False,
     timeout: Timeout = 300.0,
     output: OUTPUT = OutputFormat.TEXT,
 ) -> None:
     """Make a volume, empty (--size) or from an image (--image)."""
     with api(output) as client:
-        made = client.create_volume(name, size_gb, image)
+        made = client.create_volume(name, size_gb, image, pool)
         if wait:
             made = client.wait_volume(made["id"], "available", timeout)
         say(output, made, f"made volume {label(made)}")

@@ -23,7 +23,12 @@ class VolumeSpec(Model):
     name: str = Field(pattern=NAME_PATTERN)
     size_gb: int = Field(ge=1, le=MAX_VOLUME_GB, description="grows only")
     image: str | None = Field(default=None, description="img- id the volume starts from")
-    host: str | None = Field(default=None, description="the host that keeps the file")
+    host: str | None = Field(
+        default=None,
+        description="the host that keeps the file (on a shared pool: the host whose agent "
+        "manages it, the host of its VM)",
+    )
+    pool: str = Field(default="local", pattern=NAME_PATTERN, description="its storage pool")
     snapshots: list[str] = Field(
         default_factory=list, description="snapshot names wanted; the agent makes it so"
     )

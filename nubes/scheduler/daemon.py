@@ -26,6 +26,7 @@ from nubes.model.host import HostRecord
 from nubes.model.vm import VmRecord
 from nubes.scheduler.binding import bind_batch, report_unschedulable
 from nubes.scheduler.filters import Overcommit, PlacementRequest
+from nubes.scheduler.hosts import HostMonitor
 from nubes.scheduler.index import HostIndex, Usage
 from nubes.scheduler.janitor import Janitor, PortDeletion, delete_port_records
 from nubes.scheduler.weighers import Strategy
@@ -94,6 +95,7 @@ class SchedulerDaemon:
         self.salt = os.urandom(6).hex() if salt is None else salt
         self.max_batch = max(1, min(batch_size, MAX_TXN_OPERATIONS // 2))
         self.janitor = Janitor(store, port_deletion)
+        self.monitor = HostMonitor(store, self.overcommit, Strategy(self.config.strategy))
         self.ready = asyncio.Event()
         self.bound = 0  # VMs this daemon bound
         self.lost_races = 0  # batches that lost a race
@@ -241,6 +243,16 @@ class SchedulerDaemon:
         port_kvs = [kv for kv in ports if "/" not in kv.key[len(_PORTS) :]]
         fip_kvs = [kv for kv in fips if "/" not in kv.key[len(_FIPS) :]]
         self._jobs.put_nowait(lambda: self.janitor.sweep(vm_ids, allocations, port_kvs, fip_kvs))
+        self._jobs.put_nowait(self._sweep_hosts)
+
+    async def _sweep_hosts(self) -> None:
+        await self.monitor.sweep()
+
+    def _check_host(self, name: str) -> Job:
+        async def job() -> None:
+            await self.monitor.check_host(name)
+
+        return job
 
     # -- following the store ------------------------------------------------------------
 
@@ -249,6 +261,9 @@ class SchedulerDaemon:
 
     def _on_host_event(self, event: WatchEvent) -> None:
         self._on_host(event.key, _event_kv(event))
+        if event.key.endswith(("/alive", "/stopped")):
+            # Up or down: the monitor writes the host's status and deals with its VMs.
+            self._jobs.put_nowait(self._check_host(event.key[len(_HOSTS) : -len("/alive")]))
 
     def _on_port_event(self, event: WatchEvent) -> None:
         self._on_port(event.key, _event_kv(event))

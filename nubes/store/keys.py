@@ -56,6 +56,12 @@ def host_alive_key(host: str) -> str:
     return f"{resource_key(Kind.HOST, host)}/alive"
 
 
+def host_stopped_key(host: str) -> str:
+    """Written by a clean agent stop (bound to a lease the host's fencer keeps alive): the
+    host runs its VMs on without an agent, which is not a host failure."""
+    return f"{resource_key(Kind.HOST, host)}/stopped"
+
+
 def _check_name(name: str) -> None:
     if not name or "/" in name or not name.isascii() or not name.isprintable():
         raise ValueError(f"a record name is printable ASCII without '/', got {name!r}")
@@ -83,3 +89,8 @@ def claim_key(what: str, value: str) -> str:
     _check_name(what)
     _check_name(value)
     return f"{ROOT}claims/{what}/{value}"
+
+
+def migration_key(vm_id: str) -> str:
+    """The progress of a VM's move to another host, written by the agents of both ends."""
+    return f"{resource_key(Kind.VM, vm_id)}/migration"

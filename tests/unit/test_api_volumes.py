@@ -76,6 +76,7 @@ async def test_a_blank_volume_is_made_unbound_and_counted_against_the_quota(
             "host": None,
             "snapshots": [],
             "revert": None,
+            "pool": "local",
         }
         assert volume["status"] is None
         assert await usage(lab, "alpha") == Usage(volumes=1, volume_gb=3)

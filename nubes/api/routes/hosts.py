@@ -4,19 +4,23 @@ has bound to it; admins set the labels VMs' `host_labels` select on.
 
 from __future__ import annotations
 
+import contextlib
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path
+from pydantic import Field
 
 from nubes.api.context import Caller, CallerDep, ContextDep
 from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
 from nubes.api.records import Guards, Records
 from nubes.api.vmops import Labels
+from nubes.errors import InvalidInput
 from nubes.model.common import Model
-from nubes.model.host import HostRecord
+from nubes.model.host import HostLiveness, HostRecord, HostStatus
 from nubes.scheduler.binding import read_allocations
 from nubes.store.base import Store
-from nubes.store.keys import Kind, host_alive_key, host_allocations_key
+from nubes.store.keys import Kind, host_alive_key, host_allocations_key, status_key
 
 router = APIRouter(tags=["hosts"])
 
@@ -33,6 +37,11 @@ class HostAllocated(Model):
 
 class HostView(HostRecord):
     alive: bool = False
+    state: HostLiveness = Field(
+        default=HostLiveness.UP, description="down: its heartbeat expired (host monitor)"
+    )
+    state_since: datetime | None = None
+    state_reason: str | None = None
     allocated: HostAllocated
     vms: int = 0
 
@@ -48,10 +57,20 @@ class HostUpdate(Model):
 
 async def _view(store: Store, record: HostRecord) -> HostView:
     alive = await store.get(host_alive_key(record.name)) is not None
+    status_kv = await store.get(status_key(Kind.HOST, record.name))
+    status = None
+    if status_kv is not None:
+        with contextlib.suppress(InvalidInput):
+            status = HostStatus.from_json(status_kv.value)
+    # No status yet: the monitor has not seen it go down; the heartbeat says the rest.
+    state = status.state if status else (HostLiveness.UP if alive else HostLiveness.DOWN)
     allocations = read_allocations(await store.get(host_allocations_key(record.name)))
     return HostView(
         **record.model_dump(),
         alive=alive,
+        state=state,
+        state_since=status.since if status else None,
+        state_reason=status.reason if status and state is HostLiveness.DOWN else None,
         allocated=HostAllocated(
             vcpus=allocations.vcpus,
             memory_mb=allocations.memory_mb,

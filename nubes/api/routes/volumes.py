@@ -59,6 +59,9 @@ class VolumeCreate(Model):
         default=None, ge=1, le=MAX_VOLUME_GB, description="default: the image's size"
     )
     image: str | None = Field(default=None, max_length=128, description="id or name")
+    pool: str = Field(
+        default="local", pattern=NAME_PATTERN, description="storage pool (agent config)"
+    )
 
     # `example-image` is uploaded by whoever runs the examples (an upload has no JSON body).
     model_config = ConfigDict(
@@ -159,7 +162,11 @@ async def create_volume(body: VolumeCreate, ctx: ContextDep, caller: CallerDep) 
         id=volume_id,
         project=caller.project,
         spec=VolumeSpec(
-            name=body.name, size_gb=size_gb, image=image_id, host=await _only_alive_host(ctx.store)
+            name=body.name,
+            size_gb=size_gb,
+            image=image_id,
+            host=await _only_alive_host(ctx.store),
+            pool=body.pool,
         ),
         created_at=now(),
     )
