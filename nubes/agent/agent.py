@@ -15,12 +15,14 @@ from nubes import __version__
 from nubes.agent.compute.cgroup import CgroupError, CpuWeights
 from nubes.agent.compute.process import find_vm_process
 from nubes.agent.context import AgentContext
+from nubes.agent.fence import ensure_fencer, remove_agent_pidfile, write_agent_pidfile
 from nubes.agent.host import (
     HostRegistration,
     choose_accelerator,
     host_boot_id,
     measure_capacity,
 )
+from nubes.agent.migration import incoming_here
 from nubes.agent.network.manager import NetworkManager
 from nubes.agent.paths import AgentPaths
 from nubes.agent.runtime import LaunchRecord, VmRuntime
@@ -95,6 +97,11 @@ class Agent:
             StoreError: the store cannot be reached.
         """
         self.paths.make_dirs()
+        write_agent_pidfile(self.paths)
+        try:
+            ensure_fencer(self.config, self.paths)
+        except OSError as error:
+            log.error("cannot start the fencer (a cut-off host will not end its VMs): %s", error)
         boot_id = host_boot_id()
         previous = _read_text(self.paths.boot_id_file)
         self.ctx.host_rebooted = previous is not None and previous != boot_id
@@ -102,6 +109,8 @@ class Agent:
             name=self.host,
             capacity=self.ctx.capacity,
             accel=self.ctx.accel.value,
+            underlay_address=str(self.config.agent.underlay_address),
+            storage_pools=sorted(self.config.agent.storage_pools),
             agent_version=__version__,
             boot_id=boot_id,
             started_at=now(),
@@ -138,6 +147,7 @@ class Agent:
         await self.network.stop()
         if self._registration is not None:
             await self._registration.stop()
+        remove_agent_pidfile(self.paths)  # the fencer keeps the host's `stopped` key alive
         self.ctx.cpu_weights.remove_root()  # only when no VM group is left in it
 
     # -- following the store ---------------------------------------------------------------
@@ -156,18 +166,24 @@ class Agent:
         revision = 0
         for kind in _NETWORK_KINDS:
             listed = await self.store.range(kind_prefix(kind))
-            revision = max(revision, listed.revision)
+            revision = listed.revision if revision == 0 else min(revision, listed.revision)
             for kv in listed.kvs:
                 self._on_change(kv.key, kv.value)
         volumes = await self.store.range(kind_prefix(Kind.VOLUME))
         for kv in volumes.kvs:
+            self._on_change(kv.key, kv.value)
+        # Where ports are and how to reach hosts: the overlay across hosts (l2pop).
+        hosts = await self.store.range(kind_prefix(Kind.HOST))
+        for kv in hosts.kvs:
             self._on_change(kv.key, kv.value)
         vms = await self.store.range(kind_prefix(Kind.VM))
         for kv in vms.kvs:
             self._on_change(kv.key, kv.value)
         for vm_id in self._local_vm_ids():
             self._vm_controller(vm_id).kick()
-        return max(revision, volumes.revision, vms.revision)
+        # From the earliest listing on: a record written while the later kinds were being
+        # listed is seen again (handlers are idempotent) rather than missed for good.
+        return min(revision, volumes.revision, hosts.revision, vms.revision)
 
     async def _follow(self, revision: int) -> None:
         next_revision = revision + 1
@@ -191,6 +207,8 @@ class Agent:
             return
         kind, name, rest = parts[0], parts[1], parts[2:]
         if kind == Kind.VM.value and is_id(name, IdKind.VM):
+            if rest == ["migration"] and name in self.vm_controllers:
+                self.vm_controllers[name].kick()  # a move's progress, from the other end
             if rest:
                 return  # our own status writes
             self._on_vm(name, value)
@@ -203,6 +221,10 @@ class Agent:
                 self._on_volume(name, value)
         elif kind in _NETWORK_KIND_NAMES and not rest:
             self.network.on_record(Kind(kind), name, value)
+        elif kind == Kind.PORT.value and rest == ["status"]:
+            self.network.on_port_status(name, value)
+        elif kind == Kind.HOST.value and not rest:
+            self.network.on_host(name, value)
         elif kind == Kind.IMAGE.value and not rest:
             # A VM in error for want of this image tries again now.
             for vm_id, record in self.ctx.vms.items():
@@ -221,6 +243,8 @@ class Agent:
             self.ctx.vms[vm_id] = record
         # An invalid record is still ours to report on when it names this host.
         bound_here = _host_of(value) == self.host
+        # The target of a live move runs the incoming QEMU before the VM is bound to it.
+        bound_here = bound_here or (record is not None and incoming_here(record, self.host))
         if bound_here or vm_id in self.vm_controllers:
             self._vm_controller(vm_id).kick()
         if record is not None:

@@ -76,6 +76,12 @@ class VmRuntime:
     panicked: bool = False
     last_event: str | None = None
     last_event_at: datetime | None = None
+    # The status of the last MIGRATION event; query-migrate is no guide on a QEMU that
+    # came by migration itself (it reports that incoming migration "completed" for ever).
+    migration_status: str | None = None
+    # When QEMU last paused (STOP) and last resumed (RESUME), as QEMU stamped them.
+    paused_at: datetime | None = None
+    resumed_at: datetime | None = None
     stop_requested_at: float | None = None
     quit_sent_at: float | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,6 +94,12 @@ class VmRuntime:
             self.shutdown_event = event
         elif event.name == "GUEST_PANICKED":
             self.panicked = True
+        elif event.name == "STOP":
+            self.paused_at = self.last_event_at
+        elif event.name == "RESUME":
+            self.resumed_at = self.last_event_at
+        elif event.name == "MIGRATION":
+            self.migration_status = str(event.data.get("status"))
 
     def process_alive(self) -> bool:
         return process_state(self.pid) is ProcessState.RUNNING

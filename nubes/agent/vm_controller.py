@@ -33,9 +33,17 @@ from nubes.agent.compute.qemu_cmdline import (
 from nubes.agent.compute.qmp import QmpDisconnected, QmpEvent, QmpSession
 from nubes.agent.context import AgentContext
 from nubes.agent.controller import Controller
+from nubes.agent.migration import VmMigration, incoming_here
 from nubes.agent.runtime import LaunchedDisk, LaunchRecord, VmRuntime
 from nubes.agent.status import differs
-from nubes.agent.storage.volumes import ensure_root_disk, root_disk_path, volume_path
+from nubes.agent.storage.pools import (
+    StoragePool,
+    StoragePools,
+    UnknownPool,
+    remove_vm_files,
+    shared_base,
+)
+from nubes.agent.storage.volumes import ensure_root_disk
 from nubes.errors import InvalidInput, NotFound, NubesError, QemuError
 from nubes.model.common import now
 from nubes.model.image import ImageRecord
@@ -51,17 +59,19 @@ from nubes.model.vm import (
 )
 from nubes.model.volume import VolumeState, VolumeStatus
 from nubes.store.base import Compare, Delete
-from nubes.store.keys import Kind, resource_key, status_key
+from nubes.store.keys import Kind, migration_key, resource_key, status_key
 
 log = logging.getLogger(__name__)
 
 QUIT_GRACE_SECONDS = 5.0
 HOST_REBOOTED_REASON = "the host rebooted and autostart is off; start the VM to run it again"
 DETACH_TIMEOUT_SECONDS = 20.0
+# A disk another QEMU still holds (the VM's old host, on a shared pool) is tried again soon.
+DISK_LOCK_RETRY_SECONDS = 2.0
 CRASH_WINDOW_SECONDS = 600.0
 MAX_RESTART_DELAY_SECONDS = 60.0
 # QMP events that change what the status says.
-_STATUS_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED"})
+_STATUS_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "MIGRATION"})
 
 
 class WaitingFor(NubesError):
@@ -81,6 +91,8 @@ class VmController(Controller):
         self._crash_times: list[float] = []
         self._failed_revision: int | None = None
         self._first_pass = True
+        self.migration = VmMigration(self)
+        self._pools = StoragePools(context.paths.state_dir, context.config.storage_pools)
 
     def busy(self) -> bool:
         """Whether a pass is running or asked for (the agent waits for first passes)."""
@@ -106,6 +118,10 @@ class VmController(Controller):
             self._adoption_tried = True
             await self._adopt()
 
+        if record is not None and incoming_here(record, self.ctx.host):
+            await self.migration.serve_incoming(record)  # the VM moves here: not ours yet
+            return
+        await self.migration.stop_incoming()
         if record is None or record.deleting or record.spec.host != self.ctx.host:
             await self._finish(record, kv.mod_revision if kv else 0, status)
             return
@@ -123,6 +139,8 @@ class VmController(Controller):
             runtime = self.runtime  # not None when QMP came back: QEMU was alive after all
         elif runtime is None and status is not None and status.state is VmState.RUNNING:
             status = await self._died_unseen(spec, status)
+        if spec.migration is not None and await self.migration.drive_outgoing(record, status):
+            return
 
         if runtime is not None:
             if self._wants_running(spec, status):
@@ -183,7 +201,13 @@ class VmController(Controller):
         """Prepares the start, waits at the launch gate (`prepared`), spawns QEMU."""
         spec = record.spec
         run_dir = self.ctx.paths.vm_run_dir(self.vm_id)
-        root = root_disk_path(self.ctx.paths.state_dir, self.vm_id)
+        try:
+            pool = self._pools.get(spec.storage_pool, host=self.ctx.host)
+        except UnknownPool as error:
+            self._failed_revision = revision
+            await self._write(status, state=VmState.ERROR, reason=str(error), pid=None)
+            return
+        root = pool.root_disk(self.vm_id)
         root_existed = root.exists()
         if not root_existed and status.flavor is not None:
             # It ran before, so its disk held the guest's data: never replace it silently.
@@ -196,7 +220,7 @@ class VmController(Controller):
             )
             return
         try:
-            launch, plan = await self._plan(record)
+            launch, plan = await self._plan(record, pool)
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True, mode=0o700)
             launch.save(self.ctx.paths.launch_record(self.vm_id))
@@ -208,8 +232,21 @@ class VmController(Controller):
         except NubesError as error:
             shutil.rmtree(run_dir, ignore_errors=True)
             self.ctx.network.release(self.vm_id)
+            if _disk_locked(error):
+                # Another QEMU holds a disk: on a shared pool, the VM's old host still runs
+                # it (it went down or was cut off). Start once that QEMU is gone.
+                await self._write(
+                    status,
+                    reason="a disk of the VM is still held by another QEMU (its old host's?); "
+                    "starting as soon as it is released",
+                    pid=None,
+                )
+                self.kick_later(DISK_LOCK_RETRY_SECONDS)
+                return
             if not root_existed:
                 shutil.rmtree(self.ctx.paths.vm_state_dir(self.vm_id), ignore_errors=True)
+                if pool.shared:
+                    remove_vm_files(pool, self.vm_id)
             self._failed_revision = revision
             await self._write(status, state=VmState.ERROR, reason=error.message, pid=None)
             return
@@ -246,7 +283,9 @@ class VmController(Controller):
         self.runtime = runtime
         self.kick()  # the next pass queries QEMU and applies the CPU weight
 
-    async def _plan(self, record: VmRecord) -> tuple[LaunchRecord, QemuPlan]:
+    async def _plan(
+        self, record: VmRecord, pool: StoragePool | None = None
+    ) -> tuple[LaunchRecord, QemuPlan]:
         """The disks and command line of the VM's next start (makes the root disk if needed).
 
         Raises:
@@ -254,6 +293,8 @@ class VmController(Controller):
                 something this host cannot give; the message says which.
         """
         spec = record.spec
+        if pool is None:
+            pool = self._pools.get(spec.storage_pool, host=self.ctx.host)
         if spec.image is None:
             raise InvalidInput("the VM has no image; give it one to boot from")
         capacity = self.ctx.capacity
@@ -271,9 +312,13 @@ class VmController(Controller):
             )
         image = ImageRecord.from_json(image_kv.value)
         cached = await self.ctx.images.ensure(image)
-        root = root_disk_path(self.ctx.paths.state_dir, self.vm_id)
+        root = pool.root_disk(self.vm_id)
         root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await ensure_root_disk(root, cached, spec.flavor.disk_gb)
+        # The launch record and serial log stay local, whatever the pool.
+        self.ctx.paths.vm_state_dir(self.vm_id).mkdir(parents=True, exist_ok=True, mode=0o700)
+        # On a shared pool the overlay rests on the pool's copy: every host reads it.
+        base = await shared_base(pool, cached) if pool.shared else cached
+        await ensure_root_disk(root, base, spec.flavor.disk_gb)
         disks = [LaunchedDisk(node="root", path=str(root), format=DiskFormat.QCOW2, serial="root")]
         for volume_id in spec.volumes:
             disks.append(await self._volume_disk(volume_id, port=None))
@@ -330,7 +375,7 @@ class VmController(Controller):
                     f"volume {volume_id} is attached to VM {other_id}",
                     hint="detach it there first",
                 )
-        path = volume_path(self.ctx.paths.state_dir, volume_id)
+        path = self._pools.get(volume.spec.pool, host=self.ctx.host).volume(volume_id)
         status_kv = await self.ctx.store.get(status_key(Kind.VOLUME, volume_id))
         volume_status = None if status_kv is None else VolumeStatus.from_json(status_kv.value)
         if volume_status is not None and volume_status.state is VolumeState.ERROR:
@@ -646,22 +691,43 @@ class VmController(Controller):
         """The VM is deleted or no longer bound here: tear down what this host holds."""
         if record is not None and record.deleting and self.runtime is not None:
             status = await self._write(status, state=VmState.DELETING, reason=None)
-        await self._teardown()
+        # Bound to another host (moved by HA while this host was away): the store decides,
+        # this host obeys at once. SIGKILL, no quit: a flush now could write over the disk
+        # its new host already runs on.
+        moved = (
+            record is not None
+            and not record.deleting
+            and record.spec.host not in (None, self.ctx.host)
+        )
+        await self._teardown(fence=moved)
+        if record is not None and record.deleting and record.spec.host in (None, self.ctx.host):
+            with contextlib.suppress(UnknownPool):
+                pool = self._pools.get(record.spec.storage_pool, host=self.ctx.host)
+                if pool.shared:
+                    remove_vm_files(pool, self.vm_id)
         if record is None:
             if status is not None and status.host == self.ctx.host:
                 await self.status_writer.delete()
         elif record.deleting:
             result = await self.ctx.store.txn(
                 [Compare.mod_revision(self.key, "==", revision)],
-                [Delete(self.key), Delete(self.status_writer.key)],
+                [
+                    Delete(self.key),
+                    Delete(self.status_writer.key),
+                    Delete(migration_key(self.vm_id)),
+                ],
             )
             if not result.succeeded:
                 self.kick()  # the record changed meanwhile: look again
                 return
+        if self._wake.is_set():
+            return  # kicked during the teardown (the VM may be moving back here): look again
         self.ctx.vms.pop(self.vm_id, None)
         self.finished = True
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, *, fence: bool = False) -> None:
+        """Ends the VM's QEMU here (`fence`: at once, with SIGKILL) and removes this host's
+        files of it; its files on a shared pool stay (another host may run it now)."""
         runtime = self.runtime
         if runtime is None:
             pid = find_vm_process(
@@ -670,7 +736,9 @@ class VmController(Controller):
             if pid is not None:
                 runtime = VmRuntime(pid=pid, launch=_unknown_launch(self.vm_id))
         if runtime is not None:
-            if runtime.connected and runtime.session is not None:
+            if fence:
+                log.warning("%s: bound elsewhere now; killing QEMU %d", self.vm_id, runtime.pid)
+            elif runtime.connected and runtime.session is not None:
                 with contextlib.suppress(QemuError):
                     await runtime.session.quit()
                 await wait_exited(runtime.pid, QUIT_GRACE_SECONDS)
@@ -734,6 +802,11 @@ class VmController(Controller):
             return
         fields = {"state": VmState.ERROR, "reason": reason, "host": self.ctx.host}
         await self.status_writer.write(VmStatus.model_validate({**fields, "updated_at": now()}))
+
+
+def _disk_locked(error: NubesError) -> bool:
+    """Whether QEMU refused to start because another process holds a disk's lock."""
+    return "Failed to get" in error.message and "lock" in error.message
 
 
 def _unknown_launch(vm_id: str) -> LaunchRecord:

@@ -116,6 +116,14 @@ class VmCreate(Model):
     autostart: bool = True
     cpu_weight: int = Field(default=100, ge=1, le=10_000)
     vnc: bool = False
+    storage_pool: str = Field(
+        default="local", pattern=NAME_PATTERN, description="pool of the root disk (agent config)"
+    )
+    ha: bool = Field(
+        default=False,
+        description="restart on another host when its host dies; takes effect only when "
+        "the root disk and every volume are on shared pools (the host monitor checks)",
+    )
 
 
 # -- views ------------------------------------------------------------------------------
@@ -342,6 +350,8 @@ async def create_vm(store: Store, caller: Caller, request: VmCreate) -> VmRecord
             vnc=request.vnc,
             host_labels=request.host_labels,
             anti_affinity_group=request.anti_affinity_group,
+            storage_pool=request.storage_pool,
+            ha=request.ha,
         )
         record = VmRecord(id=vm_id, project=caller.project, spec=spec, created_at=now())
         guards = merge_guards(

@@ -106,6 +106,12 @@ def create(
     anti_affinity_group: Annotated[
         str | None, typer.Option("--anti-affinity-group", help="Never on a host with another.")
     ] = None,
+    storage_pool: Annotated[
+        str | None, typer.Option("--storage-pool", help="Pool of the root disk (default: local).")
+    ] = None,
+    ha: Annotated[
+        bool, typer.Option("--ha", help="Restart on another host if its host dies (shared pools).")
+    ] = False,
     stopped: Annotated[
         bool, typer.Option("--stopped", help="Make it without starting it.")
     ] = False,
@@ -126,6 +132,8 @@ def create(
             "host_labels": _labels(host_labels),
             "anti_affinity_group": anti_affinity_group,
             "power_state": "stopped" if stopped else None,
+            "storage_pool": storage_pool,
+            "ha": ha or None,
         }
         vm = client.create_vm(name, **body)
         if floating_ip is not None:
@@ -358,3 +366,47 @@ def ssh_argv(vm: Json, user: str, options: list[str], command: list[str]) -> lis
     ip_tool = shutil.which("ip") or "ip"
     destination = f"{user}@{ipv4[0]['ip']}"
     return [ip_tool, "netns", "exec", namespace, "ssh", *options, destination, *command]
+
+
+@app.command("migrate")
+def migrate(
+    ref: Ref,
+    to: Annotated[
+        str | None, typer.Option("--to", help="The target host (default: the scheduler's choice).")
+    ] = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Move a stopped VM (copies its disks).")] = (
+        False
+    ),
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it has moved.")] = False,
+    timeout: Timeout = 600.0,
+    output: OUTPUT = OutputFormat.TEXT,
+) -> None:
+    """Move a VM to another host (admin): running, or stopped with --cold."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with api(output) as client:
+        vm = client.migrate_vm(ref, to, live=not cold)
+        if not wait:
+            moving = client.get_migration(vm["id"])
+            _acted(output, vm, f"moving to {moving.get('target')}:")
+            return
+        if output is not OutputFormat.TEXT:
+            say(output, client.wait_migration(vm["id"], timeout), "")
+            return
+        bar_columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+        with Progress(*bar_columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("preparing", total=None)
+
+            def report(moving: Json) -> None:
+                total = moving.get("total_bytes") or None
+                done = (total or 0) - (moving.get("remaining_bytes") or 0)
+                bar.update(task, description=str(moving.get("state")), completed=done, total=total)
+
+            moved = client.wait_migration(vm["id"], timeout, progress=report)
+        say(
+            output,
+            moved,
+            f"moved VM {label(vm)} from {moved.get('source')} to {moved.get('target')} "
+            f"(downtime {moved.get('downtime_ms')} ms)",
+        )

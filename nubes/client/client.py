@@ -147,6 +147,51 @@ class Client(BaseClient):
         result: Json = self.action(VM, ref, "console", method="GET", params={"lines": lines})
         return result
 
+    def migrate_vm(self, ref: str, host: str | None = None, *, live: bool = True) -> Json:
+        """Moves the VM to `host` (None: the scheduler chooses), running (`live`) or stopped
+        (admin). Follow it with `wait_migration`."""
+        body = {"host": host, "live": live}
+        result: Json = self.action(VM, ref, "migrate", body)
+        return result
+
+    def get_migration(self, ref: str) -> Json:
+        """The progress of the VM's last move: state, source, target, bytes, downtime_ms."""
+        result: Json = self.action(VM, ref, "migration", method="GET")
+        return result
+
+    def wait_migration(
+        self,
+        ref: str,
+        timeout: float = 600.0,
+        *,
+        interval: float = 0.2,
+        progress: Callable[[Json], None] | None = None,
+    ) -> Json:
+        """Polls the VM's move until it completes; `progress` sees every answer.
+
+        Raises:
+            ResourceFailed: the move failed and was rolled back (the message says why).
+            WaitTimeout: `timeout` seconds passed first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            moving = self.get_migration(ref)
+            if progress is not None:
+                progress(moving)
+            if moving.get("state") == "completed":
+                return moving
+            if moving.get("state") == "failed":
+                raise ResourceFailed(
+                    f"moving VM {ref} to {moving.get('target')} failed: {moving.get('reason')}",
+                    hint=f"it still runs on {moving.get('source')}; see `nubes vm show {ref}`",
+                )
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"VM {ref} is still moving ({moving.get('state')}) after {timeout:g} s",
+                    hint="wait longer with --timeout",
+                )
+            time.sleep(interval)
+
     def wait_vm(
         self,
         ref: str,
@@ -362,9 +407,13 @@ class Client(BaseClient):
     # -- volumes and snapshots ---------------------------------------------------------------
 
     def create_volume(
-        self, name: str, size_gb: int | None = None, image: str | None = None
+        self,
+        name: str,
+        size_gb: int | None = None,
+        image: str | None = None,
+        pool: str | None = None,
     ) -> Json:
-        return self.create(VOLUME, {"name": name, "size_gb": size_gb, "image": image})
+        return self.create(VOLUME, {"name": name, "size_gb": size_gb, "image": image, "pool": pool})
 
     def resize_volume(self, ref: str, size_gb: int) -> Json:
         return self.update(VOLUME, ref, {"size_gb": size_gb})

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from nubes.model.common import NAME_PATTERN, Model
+from nubes.model.migration import MigrationRequest
 
 MAX_VCPUS = 64
 MAX_MEMORY_MB = 1024 * 1024
@@ -65,6 +66,16 @@ class VmSpec(Model):
         default=None,
         pattern=NAME_PATTERN,
         description="never on a host that runs another VM of this group",
+    )
+    storage_pool: str = Field(
+        default="local", pattern=NAME_PATTERN, description="the storage pool of the root disk"
+    )
+    ha: bool = Field(
+        default=False,
+        description="restart on another host when its host dies; needs every disk on a shared pool",
+    )
+    migration: MigrationRequest | None = Field(
+        default=None, description="a move to another host under way (set by the API)"
     )
 
 

@@ -82,6 +82,8 @@ class QemuPlan:
     hotplug_slots: int = 8
     qemu: str = "qemu-system-x86_64"
     extra_smbios: dict[str, str] = field(default_factory=dict)
+    # Wait for a live migration's stream (passed later over QMP) instead of booting.
+    incoming: bool = False
 
 
 def process_marker(prefix: str, vm_id: str) -> str:
@@ -178,6 +180,8 @@ def build_qemu_argv(plan: QemuPlan) -> list[str]:
         ]  # fmt: skip
     for index in range(plan.hotplug_slots if plan.machine.startswith("q35") else 0):
         argv += ["-device", _hotplug_port_device(index)]
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
     argv += [
         "-action", "reboot=reset,shutdown=poweroff,panic=shutdown",
         "-msg", "timestamp=on",

@@ -218,6 +218,60 @@ class QmpSession:
             if self._closed_by_us:
                 raise
 
+    # Migration
+
+    async def pass_socket(self, connection: socket.socket, name: str) -> None:
+        """Hands a connected socket to QEMU as fd `name` (SCM_RIGHTS, then `getfd`).
+
+        QEMU may run in a network namespace that cannot reach where the socket leads; the
+        descriptor works wherever it was made. Our copy stays open: close it after.
+
+        Raises:
+            QmpCommandError: QEMU refused the descriptor.
+            QmpDisconnected: the connection is closed.
+        """
+        if self._closed.is_set() or self._client.runstate is not Runstate.RUNNING:
+            raise QmpDisconnected(f"QMP connection to {self.name} is closed (getfd)")
+        with contextlib.suppress(QmpCommandError):
+            await self.execute("closefd", {"fdname": name})  # left by an earlier attempt
+        try:
+            self._client.send_fd_scm(connection.fileno())
+        except (QMPError, OSError) as error:
+            raise QemuError(f"passing a socket to {self.name} failed: {error}") from error
+        await self.execute("getfd", {"fdname": name})
+
+    async def prepare_migration(self, *, downtime_ms: int, bandwidth: int) -> None:
+        """Sets what a migration from this QEMU may do: the longest pause the guest may
+        see at the switch and the bandwidth (bytes/s); MIGRATION events on.
+
+        Disks do not travel: both ends must open the same files (a shared pool). QEMU's
+        old `block` capability cannot serve: it names disks by their BlockBackend, and
+        -blockdev disks have anonymous ones (the target fails "unknown block device").
+        """
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "events", "state": True}]},
+        )
+        parameters = {"downtime-limit": downtime_ms, "max-bandwidth": bandwidth}
+        await self.execute("migrate-set-parameters", parameters)
+
+    async def migrate(self, uri: str) -> None:
+        """Starts sending the VM's state to `uri` (`fd:<name>` after `pass_socket`)."""
+        await self.execute("migrate", {"uri": uri})
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """Starts receiving a VM's state on a QEMU started with `-incoming defer`."""
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate_cancel(self) -> None:
+        await self.execute("migrate_cancel")
+
+    async def query_migrate(self) -> dict[str, Any]:
+        """QEMU's `query-migrate`: status (none, setup, active, completed, failed,
+        cancelled...), ram/disk byte counts, downtime and total-time in ms."""
+        result = await self.execute("query-migrate")
+        return dict(result) if isinstance(result, Mapping) else {}
+
     # Volumes
 
     async def attach_disk(self, disk: DiskPlan, port: str | None) -> None:

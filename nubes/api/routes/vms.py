@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field
 
 from nubes.api.console import MAX_LINES, read_tail, serial_log_path
 from nubes.api.context import CallerDep, ContextDep
+from nubes.api.migrations import VmMigrate, read_migration, start_migration
 from nubes.api.netops import merge_guards
 from nubes.api.openapi_links import link, links
 from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
@@ -32,8 +33,9 @@ from nubes.api.vmops import (
     read_vm,
     view_of,
 )
-from nubes.errors import Conflict, InvalidInput
+from nubes.errors import Conflict, InvalidInput, NotFound
 from nubes.model.common import NAME_PATTERN, Model
+from nubes.model.migration import MigrationStatus
 from nubes.model.project import FlavorRecord, Usage
 from nubes.model.vm import Flavor, PowerState, RestartPolicy, VmRecord, VmState, VmStatus
 from nubes.model.volume import VolumeRecord, VolumeState, VolumeStatus
@@ -485,3 +487,28 @@ async def console(
         )
     found, truncated = await read_tail(serial_log_path(ctx.config, record.id), lines)
     return VmConsole(vm=record.id, host=here, lines=found, truncated=truncated)
+
+
+@router.post("/vms/{vm}/migrate", status_code=202)
+async def migrate(vm: VmRef, body: VmMigrate, ctx: ContextDep, caller: CallerDep) -> VmView:
+    """Move a VM to another host (admin): running (`live`, the guest keeps running) or
+    stopped. The target is `host`, or the scheduler's choice; `GET /vms/{vm}/migration`
+    follows the move."""
+    caller.require_admin("move VMs between hosts")
+
+    async def change(record: VmRecord, status: VmStatus | None) -> tuple[VmRecord, Guards]:
+        return await start_migration(ctx.store, record, status, body, ctx.config.scheduler)
+
+    return await _act(ctx, caller, vm, change)
+
+
+@router.get("/vms/{vm}/migration")
+async def migration(vm: VmRef, ctx: ContextDep, caller: CallerDep) -> MigrationStatus:
+    """The progress of the VM's last move between hosts."""
+    _, record = await read_vm(ctx.store, caller, vm)
+    progress = await read_migration(ctx.store, record.id)
+    if progress is None:
+        raise NotFound(
+            f"VM {record.id} has never moved between hosts", hint="move it with `nubes vm migrate`"
+        )
+    return progress
