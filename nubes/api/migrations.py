@@ -154,16 +154,8 @@ def choose_target(
         NoTargetHost: no host (or not `wanted`) can take the VM; the message says why.
     """
     spec = record.spec
-    request = PlacementRequest(
-        vcpus=spec.flavor.vcpus,
-        memory_mb=spec.flavor.memory_mb,
-        disk_gb=spec.flavor.disk_gb,
-        labels=spec.host_labels,
-        anti_affinity_group=spec.anti_affinity_group,
-    )
-    overcommit = Overcommit(
-        cpu=config.cpu_overcommit, memory=config.memory_overcommit, disk=config.disk_overcommit
-    )
+    request = PlacementRequest.of(spec)
+    overcommit = Overcommit.of(config)
     if wanted == source:
         raise InvalidInput(
             f"VM {record.id} is already on host {source}", hint="name another host, or none"

@@ -85,11 +85,7 @@ class SchedulerDaemon:
     ) -> None:
         self.store = store
         self.config = config or SchedulerConfig()
-        self.overcommit = Overcommit(
-            cpu=self.config.cpu_overcommit,
-            memory=self.config.memory_overcommit,
-            disk=self.config.disk_overcommit,
-        )
+        self.overcommit = Overcommit.of(self.config)
         # Each daemon orders equal hosts and VMs its own way, so that two at once seldom
         # reach for the same records.
         self.salt = os.urandom(6).hex() if salt is None else salt
@@ -306,13 +302,7 @@ class SchedulerDaemon:
             log.error("scheduler: %s is not a valid VM record, not placing it: %s", kv.key, error)
             return
         spec = record.spec
-        request = PlacementRequest(
-            vcpus=spec.flavor.vcpus,
-            memory_mb=spec.flavor.memory_mb,
-            disk_gb=spec.flavor.disk_gb,
-            labels=spec.host_labels,
-            anti_affinity_group=spec.anti_affinity_group,
-        )
+        request = PlacementRequest.of(spec)
         usage = (request.vcpus, request.memory_mb, request.disk_gb, request.anti_affinity_group)
         tie = zlib.crc32(f"{self.salt}/{record.id}".encode())
         pending = PendingVm(kv, request, usage, (int(record.created_at.timestamp()), tie))

@@ -10,7 +10,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from nubes.config import SchedulerConfig
 from nubes.model.host import HostCapacity
+from nubes.model.vm import VmSpec
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,13 @@ class Overcommit:
     cpu: float = 4.0
     memory: float = 1.0
     disk: float = 1.0
+
+    @classmethod
+    def of(cls, config: SchedulerConfig) -> Overcommit:
+        """The overcommit a scheduler configuration allows."""
+        return cls(
+            cpu=config.cpu_overcommit, memory=config.memory_overcommit, disk=config.disk_overcommit
+        )
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,17 @@ class PlacementRequest:
     disk_gb: int
     labels: Mapping[str, str] = field(default_factory=dict)
     anti_affinity_group: str | None = None
+
+    @classmethod
+    def of(cls, spec: VmSpec) -> PlacementRequest:
+        """What the VM `spec` describes needs: its flavor, host labels and anti-affinity."""
+        return cls(
+            vcpus=spec.flavor.vcpus,
+            memory_mb=spec.flavor.memory_mb,
+            disk_gb=spec.flavor.disk_gb,
+            labels=spec.host_labels,
+            anti_affinity_group=spec.anti_affinity_group,
+        )
 
 
 Filter = Callable[[HostState, PlacementRequest, Overcommit], str | None]

@@ -289,13 +289,7 @@ class HostMonitor:
         """The host the scheduler's filters and weigher pick among those that mount every
         pool the VM needs; else (None, why)."""
         spec = record.spec
-        request = PlacementRequest(
-            vcpus=spec.flavor.vcpus,
-            memory_mb=spec.flavor.memory_mb,
-            disk_gb=spec.flavor.disk_gb,
-            labels=spec.host_labels,
-            anti_affinity_group=spec.anti_affinity_group,
-        )
+        request = PlacementRequest.of(spec)
         shared = pools - {LOCAL_POOL}
         states = []
         lacking = 0

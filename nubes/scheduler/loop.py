@@ -69,13 +69,7 @@ class Scheduler:
     async def place(self, kv: KeyValue, record: VmRecord) -> tuple[str | None, str | None]:
         """Binds one VM; (host, None), or (None, why no host can take it), or (None, None)
         when the VM changed meanwhile (deleted, or bound by another scheduler)."""
-        request = PlacementRequest(
-            vcpus=record.spec.flavor.vcpus,
-            memory_mb=record.spec.flavor.memory_mb,
-            disk_gb=record.spec.flavor.disk_gb,
-            labels=record.spec.host_labels,
-            anti_affinity_group=record.spec.anti_affinity_group,
-        )
+        request = PlacementRequest.of(record.spec)
         for _ in range(MAX_ATTEMPTS):
             passing, refused = passing_hosts(self._hosts.values(), request, self.overcommit)
             chosen = best_host(passing, request, self.overcommit, self.strategy)

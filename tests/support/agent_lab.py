@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -35,10 +35,10 @@ from nubes.model.common import now
 from nubes.model.image import ImageRecord
 from nubes.model.vm import Flavor, VmRecord, VmSpec, VmStatus
 from nubes.model.volume import VolumeRecord, VolumeSpec, VolumeStatus
-from nubes.store.base import Compare, Put
-from nubes.store.keys import ROOT, Kind, resource_key, status_key
+from nubes.store.keys import Kind, resource_key, status_key
 from nubes.store.sqlite import SqliteStore
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
+from tests.support.lab_store import LabTimeout, RecordEdits, StatusHistory
 from tests.support.processes import stop_fencer
 
 HOST = "lab-host"
@@ -61,11 +61,7 @@ def qemu_cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-class LabTimeout(AssertionError):
-    """The agent did not bring a record to the awaited status in time."""
-
-
-class AgentLab:
+class AgentLab(StatusHistory, RecordEdits):
     def __init__(
         self,
         *,
@@ -96,8 +92,7 @@ class AgentLab:
         self.agent_log = self.directory / "agent.log"
         self.agent: subprocess.Popen[bytes] | None = None
         self.store: SqliteStore | None = None
-        self.history: dict[str, list[Any]] = {}
-        self._changed = asyncio.Event()
+        super().__init__()
         self._follower: asyncio.Task[None] | None = None
         self.image: ImageRecord | None = None
 
@@ -106,7 +101,7 @@ class AgentLab:
     async def __aenter__(self) -> Self:
         try:
             self.store = await SqliteStore.open(self.directory / "nubes.db")
-            self._follower = asyncio.create_task(self._follow())
+            self._follower = asyncio.create_task(self.follow(self.db))
             self.image = await self.register_tiny_image()
             self.start_agent()
             await self.wait_host_alive()
@@ -277,85 +272,6 @@ class AgentLab:
         record = VolumeRecord(id=volume_id, spec=VolumeSpec(**fields), created_at=now())
         await self.db.put(resource_key(Kind.VOLUME, volume_id), record.to_json())
         return volume_id
-
-    async def update(self, kind: Kind, name: str, change: Callable[[dict[str, Any]], None]) -> None:
-        """Changes a record with compare-and-swap, as the API will."""
-        key = resource_key(kind, name)
-        for _ in range(20):
-            kv = await self.db.get(key)
-            assert kv is not None, f"{key} does not exist"
-            document = dict(kv.value)
-            document["spec"] = dict(document["spec"])
-            change(document)
-            result = await self.db.txn([Compare.unchanged(kv)], [Put(key, document)])
-            if result.succeeded:
-                return
-        raise AssertionError(f"could not update {key}")
-
-    async def update_vm(self, vm_id: str, **spec: Any) -> None:
-        def change(document: dict[str, Any]) -> None:
-            document["spec"].update(spec)
-
-        await self.update(Kind.VM, vm_id, change)
-
-    async def delete(self, kind: Kind, name: str) -> None:
-        def change(document: dict[str, Any]) -> None:
-            document["deleting"] = True
-
-        await self.update(kind, name, change)
-
-    # -- following status ------------------------------------------------------------------
-
-    async def _follow(self) -> None:
-        async with self.db.watch(ROOT) as watch:
-            async for event in watch:
-                parts = event.key[len(ROOT) :].split("/")
-                if len(parts) == 3 and parts[2] == "status":
-                    self.history.setdefault(parts[1], []).append(
-                        None if event.type.value == "delete" else event.value
-                    )
-                elif len(parts) == 2 and event.type.value == "delete":
-                    self.history.setdefault(parts[1], []).append("record-deleted")
-                self._changed.set()
-
-    def mark(self, name: str) -> int:
-        """A point in a record's status history to wait from."""
-        return len(self.history.get(name, []))
-
-    async def wait_for(
-        self,
-        name: str,
-        predicate: Callable[[Any], bool],
-        *,
-        timeout: float = 30.0,
-        since: int = 0,
-        what: str = "",
-    ) -> Any:
-        """The first status of `name` (from history index `since`) matching `predicate`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for value in self.history.get(name, [])[since:]:
-                if predicate(value):
-                    return value
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                seen = self.history.get(name, [])[since:][-5:]
-                raise LabTimeout(f"{name}: no status {what} within {timeout} s; last: {seen}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-
-    async def wait_state(
-        self, name: str, state: str, *, timeout: float = 30.0, since: int = 0
-    ) -> Any:
-        """The first status of `name` (from `since`) in `state`, as the stored document."""
-        return await self.wait_for(
-            name,
-            lambda v: isinstance(v, dict) and v.get("state") == state,
-            timeout=timeout,
-            since=since,
-            what=f"state={state}",
-        )
 
     async def wait_vm(
         self, vm_id: str, state: str, *, timeout: float = 30.0, since: int = 0

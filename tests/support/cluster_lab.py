@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,12 +38,12 @@ from nubes.ids import IdKind, new_id
 from nubes.model.common import now
 from nubes.model.image import ImageRecord
 from nubes.model.vm import VmRecord, VmSpec, VmStatus
-from nubes.store.base import Compare, Put
 from nubes.store.etcd import EtcdStore
-from nubes.store.keys import ROOT, Kind, host_alive_key, resource_key, status_key
+from nubes.store.keys import Kind, host_alive_key, resource_key, status_key
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
-from tests.support.agent_lab import TEST_FAILED, TINY, LabTimeout, list_netns_names
+from tests.support.agent_lab import TEST_FAILED, TINY, list_netns_names
 from tests.support.etcd import EtcdCluster
+from tests.support.lab_store import LabTimeout, RecordEdits, StatusHistory
 from tests.support.processes import stop_fencer, stop_process
 
 UNDERLAY = ipaddress.IPv4Network("198.18.64.0/24")
@@ -85,7 +85,7 @@ def _run(argv: list[str]) -> None:
         raise RuntimeError(f"{' '.join(argv)} exited {completed.returncode}: {completed.stderr}")
 
 
-class ClusterLab:
+class ClusterLab(StatusHistory, RecordEdits):
     def __init__(
         self,
         hosts: int = 3,
@@ -128,8 +128,7 @@ class ClusterLab:
         self.scheduler_log = self.directory / "scheduler.log"
         self.store: EtcdStore | None = None
         self.image: ImageRecord | None = None
-        self.history: dict[str, list[Any]] = {}
-        self._changed = asyncio.Event()
+        super().__init__()
         self._follower: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -138,7 +137,7 @@ class ClusterLab:
         try:
             await asyncio.to_thread(self.etcd.start)
             self.store = await EtcdStore.connect(self.etcd.endpoints)
-            self._follower = asyncio.create_task(self._follow())
+            self._follower = asyncio.create_task(self.follow(self.db))
             self._make_underlay()
             for host in self.hosts:
                 self._write_config(host)
@@ -356,77 +355,12 @@ class ClusterLab:
         await self.db.put(resource_key(Kind.VM, vm_id), record.to_json())
         return vm_id
 
-    async def update(self, kind: Kind, name: str, change: Callable[[dict[str, Any]], None]) -> None:
-        """Changes a record with compare-and-swap, as the API does."""
-        key = resource_key(kind, name)
-        for _ in range(20):
-            kv = await self.db.get(key)
-            assert kv is not None, f"{key} does not exist"
-            document = dict(kv.value)
-            document["spec"] = dict(document["spec"])
-            change(document)
-            if (await self.db.txn([Compare.unchanged(kv)], [Put(key, document)])).succeeded:
-                return
-        raise AssertionError(f"could not update {key}")
-
-    async def update_vm(self, vm_id: str, **spec: Any) -> None:
-        def change(document: dict[str, Any]) -> None:
-            document["spec"].update(spec)
-
-        await self.update(Kind.VM, vm_id, change)
-
-    async def delete(self, kind: Kind, name: str) -> None:
-        def change(document: dict[str, Any]) -> None:
-            document["deleting"] = True
-
-        await self.update(kind, name, change)
-
     async def vm_record(self, vm_id: str) -> VmRecord:
         kv = await self.db.get(resource_key(Kind.VM, vm_id))
         assert kv is not None, f"VM {vm_id} has no record"
         return VmRecord.from_json(kv.value)
 
     # -- following status ------------------------------------------------------------------
-
-    async def _follow(self) -> None:
-        async with self.db.watch(ROOT) as watch:
-            async for event in watch:
-                parts = event.key[len(ROOT) :].split("/")
-                if len(parts) == 3 and parts[2] in ("status", "migration"):
-                    name = parts[1] if parts[2] == "status" else f"{parts[1]}/migration"
-                    self.history.setdefault(name, []).append(
-                        None if event.type.value == "delete" else event.value
-                    )
-                elif len(parts) == 2 and event.type.value == "delete":
-                    self.history.setdefault(parts[1], []).append("record-deleted")
-                self._changed.set()
-
-    def mark(self, name: str) -> int:
-        """A point in a record's status history to wait from."""
-        return len(self.history.get(name, []))
-
-    async def wait_for(
-        self,
-        name: str,
-        predicate: Callable[[Any], bool],
-        *,
-        timeout: float = 30.0,
-        since: int = 0,
-        what: str = "",
-    ) -> Any:
-        """The first status of `name` (from history index `since`) matching `predicate`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for value in self.history.get(name, [])[since:]:
-                if predicate(value):
-                    return value
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                seen = self.history.get(name, [])[since:][-5:]
-                raise LabTimeout(f"{name}: no status {what} within {timeout} s; last: {seen}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def wait_vm(
         self,
