@@ -83,15 +83,7 @@ class ColdMigration:
             if image_kv is None:
                 raise NubesError(f"image {record.spec.image} of VM {record.id} is gone")
             cached = await ctx.images.ensure(ImageRecord.from_json(image_kv.value))
-            listener = self.migration._underlay_socket()
-            try:
-                listener.bind((str(ctx.config.underlay_address), 0))
-                listener.listen(1)
-                listener.setblocking(False)
-                port = listener.getsockname()[1]
-            except OSError:
-                listener.close()
-                raise
+            listener, port = self.migration._underlay_listener()
         except (NubesError, OSError) as error:
             message = error.message if isinstance(error, NubesError) else str(error)
             await self.migration._fail(request, f"host {ctx.host} cannot take the VM: {message}")

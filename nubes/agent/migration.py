@@ -175,15 +175,7 @@ class VmMigration:
         controller.runtime = runtime
         with contextlib.suppress(NubesError):
             await asyncio.to_thread(ctx.cpu_weights.apply, self._vm_id, pid, record.spec.cpu_weight)
-        listener = self._underlay_socket()
-        try:
-            listener.bind((str(ctx.config.underlay_address), 0))
-            listener.listen(1)
-            listener.setblocking(False)
-            port = listener.getsockname()[1]
-        except OSError:
-            listener.close()
-            raise
+        listener, port = self._underlay_listener()
         self._serving = request.counter
         self._accepting = asyncio.create_task(
             self._accept(listener, runtime, request), name=f"migration-in-{self._vm_id}"
@@ -248,6 +240,22 @@ class VmMigration:
         if netns is None:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         return socket_in_netns(netns, socket.AF_INET)
+
+    def _underlay_listener(self) -> tuple[socket.socket, int]:
+        """A non-blocking TCP listener on this host's underlay address, and its port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        listener = self._underlay_socket()
+        try:
+            listener.bind((str(self.controller.ctx.config.underlay_address), 0))
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        return listener, int(listener.getsockname()[1])
 
     # -- source ----------------------------------------------------------------------------
 

@@ -24,29 +24,23 @@ from nubes.agent.compute.process import (
     wait_exited,
 )
 from nubes.agent.compute.qemu_cmdline import (
-    DiskFormat,
-    KernelBoot,
     QemuPlan,
-    build_qemu_argv,
     hotplug_port,
 )
 from nubes.agent.compute.qmp import QmpDisconnected, QmpEvent, QmpSession
 from nubes.agent.context import AgentContext
 from nubes.agent.controller import Controller
+from nubes.agent.launch_plan import LaunchPlanner, WaitingFor
 from nubes.agent.migration import VmMigration, incoming_here
 from nubes.agent.runtime import LaunchedDisk, LaunchRecord, VmRuntime
 from nubes.agent.status import differs
 from nubes.agent.storage.pools import (
     StoragePool,
-    StoragePools,
     UnknownPool,
     remove_vm_files,
-    shared_base,
 )
-from nubes.agent.storage.volumes import ensure_root_disk
-from nubes.errors import InvalidInput, NotFound, NubesError, QemuError
+from nubes.errors import InvalidInput, NubesError, QemuError
 from nubes.model.common import now
-from nubes.model.image import ImageRecord
 from nubes.model.vm import (
     Flavor,
     PowerState,
@@ -57,9 +51,8 @@ from nubes.model.vm import (
     VmStatus,
     check_transition,
 )
-from nubes.model.volume import VolumeState, VolumeStatus
 from nubes.store.base import Compare, Delete
-from nubes.store.keys import Kind, migration_key, resource_key, status_key
+from nubes.store.keys import Kind, migration_key
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +67,6 @@ MAX_RESTART_DELAY_SECONDS = 60.0
 _STATUS_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "MIGRATION"})
 
 
-class WaitingFor(NubesError):
-    """Something the VM needs is on its way (a volume being made): build when it is ready."""
-
-    code = "waiting"
-
-
 class VmController(Controller):
     """Owns one VM id on this host for as long as the VM is bound here or has leftovers."""
 
@@ -92,7 +79,8 @@ class VmController(Controller):
         self._failed_revision: int | None = None
         self._first_pass = True
         self.migration = VmMigration(self)
-        self._pools = StoragePools(context.paths.state_dir, context.config.storage_pools)
+        self._planner = LaunchPlanner(context, vm_id)
+        self._pools = self._planner.pools
 
     def busy(self) -> bool:
         """Whether a pass is running or asked for (the agent waits for first passes)."""
@@ -286,117 +274,21 @@ class VmController(Controller):
     async def _plan(
         self, record: VmRecord, pool: StoragePool | None = None
     ) -> tuple[LaunchRecord, QemuPlan]:
-        """The disks and command line of the VM's next start (makes the root disk if needed).
+        """The disks and command line of the VM's next start (see LaunchPlanner.plan).
 
         Raises:
             NubesError: the image or a volume is missing or unusable, or the VM asks for
                 something this host cannot give; the message says which.
         """
-        spec = record.spec
-        if pool is None:
-            pool = self._pools.get(spec.storage_pool, host=self.ctx.host)
-        if spec.image is None:
-            raise InvalidInput("the VM has no image; give it one to boot from")
-        capacity = self.ctx.capacity
-        if spec.flavor.memory_mb > capacity.memory_mb:
-            raise InvalidInput(
-                f"flavor {spec.flavor.name} asks for {spec.flavor.memory_mb} MiB of memory; "
-                f"host {self.ctx.host} has {capacity.memory_mb} MiB",
-                hint="choose a smaller flavor",
-            )
-        image_kv = await self.ctx.store.get(resource_key(Kind.IMAGE, spec.image))
-        if image_kv is None:
-            raise NotFound(
-                f"image {spec.image} does not exist",
-                hint="register the image, or give the VM an existing one",
-            )
-        image = ImageRecord.from_json(image_kv.value)
-        cached = await self.ctx.images.ensure(image)
-        root = pool.root_disk(self.vm_id)
-        root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The launch record and serial log stay local, whatever the pool.
-        self.ctx.paths.vm_state_dir(self.vm_id).mkdir(parents=True, exist_ok=True, mode=0o700)
-        # On a shared pool the overlay rests on the pool's copy: every host reads it.
-        base = await shared_base(pool, cached) if pool.shared else cached
-        await ensure_root_disk(root, base, spec.flavor.disk_gb)
-        disks = [LaunchedDisk(node="root", path=str(root), format=DiskFormat.QCOW2, serial="root")]
-        for volume_id in spec.volumes:
-            disks.append(await self._volume_disk(volume_id, port=None))
-        network = await self.ctx.network.prepare(record)
-        kernel_boot = None
-        if cached.kernel is not None:
-            kernel_boot = KernelBoot(
-                kernel=cached.kernel, initrd=cached.initrd, cmdline=cached.cmdline or ""
-            )
-        plan = QemuPlan(
-            vm_id=self.vm_id,
-            prefix=self.ctx.config.prefix,
-            accel=self.ctx.accel,
-            machine=self.ctx.config.machine,
-            vcpus=spec.flavor.vcpus,
-            memory_mb=spec.flavor.memory_mb,
-            paths=self.ctx.paths.runtime(self.vm_id, vnc=spec.vnc),
-            disks=tuple(disk.plan() for disk in disks),
-            kernel_boot=kernel_boot,
-            nics=network.nics if network is not None else (),
-            hotplug_slots=self.ctx.config.hotplug_slots,
-            qemu=self.ctx.config.qemu,
-        )
-        argv = build_qemu_argv(plan)
-        launch = LaunchRecord(
-            vm_id=self.vm_id,
-            flavor=spec.flavor,
-            disks=disks,
-            vnc=spec.vnc,
-            network=network.vpc_id if network is not None else None,
-            netns=network.netns if network is not None else None,
-            ports=list(network.ports) if network is not None else [],
-            argv=argv,
-        )
-        return launch, plan
+        return await self._planner.plan(record, pool)
 
     async def _volume_disk(self, volume_id: str, *, port: str | None) -> LaunchedDisk:
-        """The disk of a volume that is ready on this host and used by no other VM.
+        """The disk of a volume ready on this host and used by no other VM.
 
         Raises:
             NubesError: the volume is missing, elsewhere, not ready, or in use.
         """
-        volume = self.ctx.volumes.get(volume_id)
-        if volume is None:
-            raise NotFound(f"volume {volume_id} does not exist", hint="create it first")
-        if volume.spec.host != self.ctx.host:
-            raise InvalidInput(
-                f"volume {volume_id} is on host {volume.spec.host}, not on {self.ctx.host}",
-                hint="attach volumes that live on the VM's host",
-            )
-        for other_id, other in self.ctx.vms.items():
-            if other_id != self.vm_id and volume_id in other.spec.volumes:
-                raise InvalidInput(
-                    f"volume {volume_id} is attached to VM {other_id}",
-                    hint="detach it there first",
-                )
-        path = self._pools.get(volume.spec.pool, host=self.ctx.host).volume(volume_id)
-        status_kv = await self.ctx.store.get(status_key(Kind.VOLUME, volume_id))
-        volume_status = None if status_kv is None else VolumeStatus.from_json(status_kv.value)
-        if volume_status is not None and volume_status.state is VolumeState.ERROR:
-            raise InvalidInput(
-                f"volume {volume_id} is in error: {volume_status.reason}",
-                hint="fix or detach the volume",
-            )
-        ready = volume_status is not None and volume_status.state in (
-            VolumeState.AVAILABLE,
-            VolumeState.IN_USE,
-        )
-        if not ready or not path.exists():
-            raise WaitingFor(f"waiting for volume {volume_id} to be available")
-        return LaunchedDisk(
-            node=volume_id,
-            volume=volume_id,
-            path=str(path),
-            format=DiskFormat.QCOW2,
-            serial=volume_id,
-            port=port,
-        )
+        return await self._planner.volume_disk(volume_id, port=port)
 
     async def _connect(self, runtime: VmRuntime) -> None:
         def on_event(event: QmpEvent) -> None:
