@@ -246,13 +246,20 @@ class NetworkManager:
             self._controller(claim.vpc_id).kick()
 
     def held_ports(self, vpc_id: str) -> set[str]:
-        """The ports of `vpc_id` claimed here whose statuses the source host still owns."""
+        """The ports of `vpc_id` claimed here whose statuses another host owns: those of a
+        VM arriving by live migration (the source's until the switch), and those of a VM
+        the store has bound elsewhere (moved off this host while it was cut off: its QEMU
+        here is about to be fenced, and must never take the port back)."""
         return {
             port_id
             for vm_id, claim in self._claims.items()
-            if vm_id in self._held and claim.vpc_id == vpc_id
+            if claim.vpc_id == vpc_id and (vm_id in self._held or self._bound_elsewhere(vm_id))
             for port_id in claim.ports
         }
+
+    def _bound_elsewhere(self, vm_id: str) -> bool:
+        vm = self.ctx.vms.get(vm_id)
+        return vm is not None and vm.spec.host != self.ctx.host
 
     def claimed_ports(self, vpc_id: str) -> dict[str, str]:
         """Port id -> VM id, for the ports of `vpc_id` claimed on this host."""
