@@ -28,13 +28,14 @@ from nubes.scheduler.filters import (
     passing_hosts,
 )
 from nubes.scheduler.weighers import Strategy, best_host
-from nubes.store.base import Compare, KeyValue, Put, Store
+from nubes.store.base import Compare, Delete, KeyValue, Put, Store, TxnOperation
 from nubes.store.keys import (
     Kind,
     host_alive_key,
     host_allocations_key,
     host_stopped_key,
     kind_prefix,
+    migration_key,
     resource_key,
     status_key,
 )
@@ -353,13 +354,31 @@ class HostMonitor:
             Compare.absent(host_stopped_key(dead)),
             Compare.version(host_alive_key(target.name), ">", 0),
         ]
-        writes = [
-            Put(vm_kv.key, bound_document(vm_kv.value, target.name)),
+        moved_vm = bound_document(vm_kv.value, target.name)
+        writes: list[TxnOperation] = [
+            Put(vm_kv.key, moved_vm),
             Put(vm_status_key, restarted.to_json()),
             Put(target_key, HostAllocations(vms=added).to_json()),
         ]
         if dead_kv is not None:
             writes.append(Put(dead_key, HostAllocations(vms=kept).to_json()))
+        migration = record.spec.migration
+        if migration is not None:
+            # A move the dead host was making ends with it: no request left to act on, and
+            # no booking left on its target (unless that is where the VM goes now).
+            writes[0] = Put(
+                vm_kv.key, {**moved_vm, "spec": {**moved_vm["spec"], "migration": None}}
+            )
+            writes.append(Delete(migration_key(record.id)))
+            booked = migration.target
+            if booked not in (target.name, dead):
+                booked_key = host_allocations_key(booked)
+                booked_kv = await self.store.get(booked_key)
+                if booked_kv is not None:
+                    booking = HostAllocations.from_json(booked_kv.value)
+                    left = {v: a for v, a in booking.vms.items() if v != record.id}
+                    compares.append(Compare.unchanged(booked_kv))
+                    writes.append(Put(booked_key, HostAllocations(vms=left).to_json()))
         for volume_kv, volume in volumes:
             compares.append(Compare.unchanged(volume_kv))
             moved = volume.spec.model_copy(update={"host": target.name})

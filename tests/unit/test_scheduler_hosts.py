@@ -291,3 +291,33 @@ async def test_a_vm_bound_by_hand_without_an_allocation_is_dealt_with_too(
     assert outcome is not None
     assert outcome.moved == {vm_id: "h2"}
     assert await allocated(store, "h2") == {vm_id}
+
+
+async def test_an_ha_vm_moved_off_a_dead_host_mid_migration_leaves_no_request_or_booking(
+    store: SqliteStore,
+) -> None:
+    """h1 died while moving the VM to h3: the VM restarts on h2, and the move is over."""
+    from nubes.model.migration import MigrationRequest
+    from nubes.store.keys import migration_key
+
+    await add_host(store, "h1")
+    await add_host(store, "h2")
+    await add_host(store, "h3", pools=())  # cannot take it: no shared pool there
+    request = MigrationRequest(target="h3", source="h1")
+    vm_id = await add_bound_vm(store, "h1", ha=True, storage_pool="shared", migration=request)
+    record, _ = await vm(store, vm_id)
+    booking = HostAllocations(vms={vm_id: allocation_of(record)})
+    await store.put(host_allocations_key("h3"), booking.to_json())
+    await store.put(migration_key(vm_id), {"state": "running"})
+    await store.delete(host_alive_key("h1"))
+
+    outcome = await HostMonitor(store).check_host("h1")
+
+    assert outcome is not None
+    assert outcome.moved == {vm_id: "h2"}
+    moved, _ = await vm(store, vm_id)
+    assert (moved.spec.host, moved.spec.migration) == ("h2", None)
+    assert await allocated(store, "h2") == {vm_id}
+    assert await allocated(store, "h3") == set()
+    assert await allocated(store, "h1") == set()
+    assert await store.get(migration_key(vm_id)) is None
