@@ -122,3 +122,23 @@ async def test_a_stopped_vm_cannot_move_live(tmp_path: Path) -> None:
         status, code = await refused(admin, vm_id, host="node2")
         assert status == 409
         assert code
+
+
+async def test_disks_and_size_do_not_change_while_the_vm_moves(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        for name in ("node1", "node2"):
+            await add_host(lab, name, alive=True)
+        admin, vm_id = await running_vm(lab)
+        assert (await admin.post(f"/v1/vms/{vm_id}/migrate", json={})).status_code == 202
+        before = await record(lab, vm_id)
+        volume = await admin.post("/v1/volumes", json={"name": "data", "size_gb": 1})
+        assert volume.status_code == 201, volume.text
+        for answer in [
+            await admin.post(f"/v1/vms/{vm_id}/volumes", json={"volume": "data"}),
+            await admin.delete(f"/v1/vms/{vm_id}/volumes/data"),
+            await admin.post(f"/v1/vms/{vm_id}/resize", json={"flavor": "medium"}),
+        ]:
+            assert answer.status_code == 409, answer.text
+            assert answer.json()["code"] == "migration_in_progress"
+            assert "nubes vm migrate --wait" in answer.json()["hint"]
+        assert await record(lab, vm_id) == before

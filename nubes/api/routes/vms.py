@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 
 from nubes.api.console import MAX_LINES, read_tail, serial_log_path
 from nubes.api.context import CallerDep, ContextDep
-from nubes.api.migrations import VmMigrate, read_migration, start_migration
+from nubes.api.migrations import MigrationUnderWay, VmMigrate, read_migration, start_migration
 from nubes.api.netops import merge_guards
 from nubes.api.openapi_links import link, links
 from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
@@ -114,6 +114,16 @@ def _refuse(record: VmRecord, state: VmState, action: str, hint: str) -> VmState
 def _not_deleting(record: VmRecord, action: str) -> None:
     if record.deleting:
         raise _refuse(record, VmState.DELETING, action, "it is going away; make a new one")
+
+
+def _not_moving(record: VmRecord, action: str) -> None:
+    """Disks and size are part of what a migration moves: they change before or after."""
+    migration = record.spec.migration
+    if migration is not None:
+        raise MigrationUnderWay(
+            f"VM {record.id} is moving to host {migration.target}: cannot {action} it now",
+            hint="wait for the migration to end (nubes vm migrate --wait), then try again",
+        )
 
 
 def _with_spec(record: VmRecord, **changes: object) -> VmRecord:
@@ -332,6 +342,7 @@ async def resize(vm: VmRef, body: VmResize, ctx: ContextDep, caller: CallerDep) 
 
     async def change(record: VmRecord, status: VmStatus | None) -> tuple[VmRecord, Guards]:
         _not_deleting(record, "resize")
+        _not_moving(record, "resize")
         old = record.spec.flavor
         if old == flavor:
             raise Conflict(
@@ -369,6 +380,7 @@ async def attach_volume(
 
     async def change(record: VmRecord, status: VmStatus | None) -> tuple[VmRecord, Guards]:
         _not_deleting(record, "attach a volume to")
+        _not_moving(record, "attach a volume to")
         volume_kv, volume = await records.find(Kind.VOLUME, VolumeRecord, caller, body.volume)
         if volume.id in record.spec.volumes:
             raise VolumeUnavailable(
@@ -446,6 +458,7 @@ async def detach_volume(
 
     async def change(record: VmRecord, status: VmStatus | None) -> tuple[VmRecord, Guards]:
         _not_deleting(record, "detach a volume from")
+        _not_moving(record, "detach a volume from")
         _, found = await records.find(Kind.VOLUME, VolumeRecord, caller, volume)
         if found.id not in record.spec.volumes:
             raise VolumeUnavailable(
