@@ -116,10 +116,16 @@ class ColdMigration:
         temporary = root.with_name(root.name + ".incoming")
         try:
             expected = await self.migration._underlay_of(request.source)
+            if expected is None:
+                # Only the source may send the VM: refuse what cannot be checked.
+                raise NubesError(
+                    f"host {request.source} has published no underlay address",
+                    hint="restart its agent: it writes its underlay_address at start",
+                )
             async with asyncio.timeout(ACCEPT_TIMEOUT_SECONDS):
                 while True:
                     connection, peer = await loop.sock_accept(listener)
-                    if expected is None or peer[0] == expected:
+                    if peer[0] == expected:
                         break
                     connection.close()
             listener.close()
@@ -222,12 +228,15 @@ class ColdMigration:
                 record.id
             )
             size = root.stat().st_size
-            connection = self.migration._underlay_socket()
-            connection.setblocking(False)
-            async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):
-                await asyncio.get_running_loop().sock_connect(
-                    connection, (progress.address, progress.port)
-                )
+            connection = self.migration._underlay_client()
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):
+                    await asyncio.get_running_loop().sock_connect(
+                        connection, (progress.address, progress.port)
+                    )
+            except BaseException:
+                connection.close()  # the stream below owns it once connected
+                raise
             reader, writer = await asyncio.open_connection(sock=connection)
             try:
                 writer.write(json.dumps({"size": size}).encode() + b"\n")

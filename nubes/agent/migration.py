@@ -199,10 +199,16 @@ class VmMigration:
         loop = asyncio.get_running_loop()
         try:
             expected = await self._underlay_of(request.source)
+            if expected is None:
+                # Only the source may send the VM: refuse what cannot be checked.
+                raise NubesError(
+                    f"host {request.source} has published no underlay address",
+                    hint="restart its agent: it writes its underlay_address at start",
+                )
             async with asyncio.timeout(ACCEPT_TIMEOUT_SECONDS):
                 while True:
                     connection, peer = await loop.sock_accept(listener)
-                    if expected is None or peer[0] == expected:
+                    if peer[0] == expected:
                         break
                     log.warning("%s: refused a migration stream from %s", self._vm_id, peer[0])
                     connection.close()
@@ -240,6 +246,22 @@ class VmMigration:
         if netns is None:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         return socket_in_netns(netns, socket.AF_INET)
+
+    def _underlay_client(self) -> socket.socket:
+        """A TCP socket that connects from this host's underlay address, the one the other
+        host checks the stream comes from (the route may prefer another).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        connection = self._underlay_socket()
+        try:
+            connection.bind((str(self.controller.ctx.config.underlay_address), 0))
+            connection.setblocking(False)
+        except OSError:
+            connection.close()
+            raise
+        return connection
 
     def _underlay_listener(self) -> tuple[socket.socket, int]:
         """A non-blocking TCP listener on this host's underlay address, and its port.
@@ -341,8 +363,11 @@ class VmMigration:
             )
             return
         loop = asyncio.get_running_loop()
-        connection = self._underlay_socket()
-        connection.setblocking(False)
+        try:
+            connection = self._underlay_client()
+        except OSError as error:
+            await self._fail(request, f"cannot bind the underlay address: {error}")
+            return
         with connection:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
