@@ -58,6 +58,12 @@ def involves_host_in_migration(record: VmRecord, host: str) -> bool:
     return request is not None and host in (request.source, request.target)
 
 
+# The agent renews its lease every third of the TTL, so a host cut off from the store
+# loses its lease at the earliest two thirds of a TTL later: fencing after half of one
+# ends its QEMUs before any other host may be told to start them.
+SILENCE_SHARE = 0.5
+
+
 def choose_fencing(
     host: str,
     running: Mapping[str, int],
@@ -73,8 +79,8 @@ def choose_fencing(
     `records` is what the store said this tick (None: it could not be read; a VM absent
     from it or None has no readable record and is left to the agent). With the store
     read, a QEMU of a VM bound to another host is killed, unless a move involving this
-    host is under way. With the store silent for longer than the heartbeat TTL, the
-    cluster takes this host for dead: a QEMU whose disks are all on shared pools
+    host is under way. With the store silent for longer than half the heartbeat TTL, the
+    cluster is about to take this host for dead: a QEMU whose disks are all on shared pools
     (`restartable`) and whose VM was last seen `ha` (or never seen) is killed, since
     another host restarts it.
     """
@@ -87,7 +93,7 @@ def choose_fencing(
             if involves_host_in_migration(record, host):
                 continue
             chosen.append(Fencing(vm_id, pid, f"the VM is bound to host {record.spec.host}"))
-        elif store_silent_seconds > heartbeat_ttl and vm_id in restartable:
+        elif store_silent_seconds > heartbeat_ttl * SILENCE_SHARE and vm_id in restartable:
             seen = last_known.get(vm_id)
             if seen is not None and (not seen.spec.ha or involves_host_in_migration(seen, host)):
                 continue
@@ -96,7 +102,8 @@ def choose_fencing(
                     vm_id,
                     pid,
                     f"the store has been unreachable for {store_silent_seconds:.0f} s "
-                    f"(> heartbeat TTL {heartbeat_ttl:g} s): the cluster restarts it elsewhere",
+                    f"(half the heartbeat TTL is {heartbeat_ttl * SILENCE_SHARE:g} s): the cluster "
+                    "restarts it elsewhere",
                 )
             )
     return chosen

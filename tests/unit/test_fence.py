@@ -92,7 +92,7 @@ def test_a_short_store_outage_kills_nothing() -> None:
     ha = record("h1", ha=True)
     running = {ha.id: 10}
 
-    assert decide(running, None, last_known={ha.id: ha}, restartable={ha.id}, silent=TTL) == {}
+    assert decide(running, None, last_known={ha.id: ha}, restartable={ha.id}, silent=TTL / 2) == {}
 
 
 def test_a_store_silent_past_the_ttl_kills_the_restartable_ha_qemus_only() -> None:
@@ -102,7 +102,11 @@ def test_a_store_silent_past_the_ttl_kills_the_restartable_ha_qemus_only() -> No
     known = {ha.id: ha, plain.id: plain, local_ha.id: local_ha}
 
     chosen = decide(
-        running, None, last_known=known, restartable={ha.id, plain.id, never_read}, silent=TTL + 1
+        running,
+        None,
+        last_known=known,
+        restartable={ha.id, plain.id, never_read},
+        silent=TTL / 2 + 0.1,
     )
 
     assert chosen == {ha.id: 1, never_read: 4}
