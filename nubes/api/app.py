@@ -7,16 +7,18 @@ including malformed requests and unknown routes; the OpenAPI document says so.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from nubes import __version__
+from nubes.api.audit import AuditMiddleware
 from nubes.api.context import ApiContext
 from nubes.errors import NubesError
 
@@ -53,6 +55,8 @@ class Health(BaseModel):
 def create_app(ctx: ApiContext) -> FastAPI:
     """The API app serving `ctx`'s store."""
     from nubes.api.routes import ROUTERS
+    from nubes.api.web import mount_dashboard
+    from nubes.metrics.api import install_api_metrics
 
     app = FastAPI(
         title="nubes",
@@ -65,6 +69,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(AuditMiddleware)
     health = APIRouter()
 
     @health.get(f"{API_PREFIX}/health", tags=["health"])
@@ -73,8 +78,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Health(status="ok", version=__version__)
 
     app.include_router(health)
+    install_api_metrics(app, ctx)
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
+    mount_dashboard(app)
     return app
 
 
@@ -122,12 +129,27 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def _allowed_methods(request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in request.app.routes:
-        if isinstance(route, APIRoute) and route.path_regex.match(request.url.path):
-            methods |= route.methods or set()
-    return sorted(methods)
+    """The methods of the documented path that names `request`'s path most exactly
+    (/v1/images/import is its own path, not the image called "import")."""
+    path = request.url.path
+    best: tuple[int, dict[str, Any]] | None = None
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path) and (best is None or template.count("{") < best[0]):
+            best = (template.count("{"), operations)
+    if best is not None:
+        return sorted(method.upper() for method in best[1] if method.upper() in _METHODS)
+    # Undocumented routes (/metrics, /ui): ask each route whether another method fits.
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.routes):
+            allowed.append(method)
+    return allowed
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

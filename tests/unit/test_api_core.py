@@ -36,6 +36,19 @@ async def test_errors_are_json_with_a_stable_code(tmp_path: Path) -> None:
         assert not_json.status_code == 422
 
 
+async def test_a_wrong_method_names_the_methods_the_path_takes(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        admin = await lab.admin()
+        wrong = await admin.put("/v1/flavors")
+        assert wrong.status_code == 405
+        assert wrong.json()["code"] == "method_not_allowed"
+        assert wrong.headers["allow"] == "GET, POST"
+        # A literal path beats a template that would also match it.
+        imported = await admin.put("/v1/images/import")
+        assert imported.status_code == 405
+        assert imported.headers["allow"] == "POST"
+
+
 async def test_flavors_are_made_by_admins_and_names_are_unique(tmp_path: Path) -> None:
     async with ApiLab.open(tmp_path) as lab:
         admin = await lab.admin()
