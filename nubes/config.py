@@ -153,6 +153,12 @@ class AgentConfig(_Section):
         description="shared storage pools: name -> a directory every host mounts at the same "
         "path (NFS, CephFS); 'local' is the agent's state dir and always exists",
     )
+    metrics_listen: str = Field(
+        default="127.0.0.1", description="address the agent's Prometheus /metrics binds"
+    )
+    metrics_port: int = Field(
+        default=8687, ge=0, le=65535, description="port of the agent's /metrics; 0 turns it off"
+    )
 
     @field_validator("storage_pools")
     @classmethod
@@ -191,6 +197,10 @@ class ApiConfig(_Section):
         default_factory=list,
         description="hosts image import may fetch URLs from ('*' for any); empty refuses URLs",
     )
+    metrics: bool = Field(
+        default=True,
+        description="serve Prometheus /metrics (no token: counts, host names and sizes)",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ApiConfig:
@@ -220,6 +230,25 @@ class SchedulerConfig(_Section):
     )
 
 
+class EventsConfig(_Section):
+    """[events]: how much of the event log the store keeps (the oldest go first)."""
+
+    retention_count: int = Field(
+        default=100_000, ge=100, description="events kept at most, over every resource"
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0, le=3650, description="events older than this many days are removed"
+    )
+
+
+class MeteringConfig(_Section):
+    """[metering]: usage accounting (VM-minutes, volume GiB-hours, floating-IP hours)."""
+
+    keep_days: int = Field(
+        default=400, ge=1, le=100 * 365, description="closed usage intervals kept this long"
+    )
+
+
 class NubesConfig(_Section):
     """All nubes settings."""
 
@@ -228,6 +257,8 @@ class NubesConfig(_Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
 
     @property
     def image_dir(self) -> Path:

@@ -101,7 +101,14 @@ async def _run_on(
             from nubes.scheduler.daemon import run_scheduler
 
             running[Component.SCHEDULER] = _task(
-                run_scheduler(store, config.scheduler, inner_stop), "scheduler"
+                run_scheduler(
+                    store,
+                    config.scheduler,
+                    inner_stop,
+                    events=config.events,
+                    metering=config.metering,
+                ),
+                "scheduler",
             )
         if Component.AGENT in wanted:
             from nubes.agent.agent import Agent  # heavy imports only where the agent runs

@@ -52,10 +52,15 @@ def get_context(request: Request) -> ApiContext:
     return ctx
 
 
+CALLER_STATE = "nubes_caller"  # where the caller is left for the request's event (audit.py)
+
+
 async def get_caller(request: Request) -> Caller:
     from nubes.api.auth import authenticate  # auth imports this module
 
-    return await authenticate(get_context(request), request.headers.get("authorization"))
+    caller = await authenticate(get_context(request), request.headers.get("authorization"))
+    setattr(request.state, CALLER_STATE, caller)
+    return caller
 
 
 ContextDep = Annotated[ApiContext, Depends(get_context)]

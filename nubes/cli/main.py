@@ -10,6 +10,8 @@ import typer
 from nubes import __version__
 from nubes.cli import (
     auth,
+    doctor,
+    event,
     flavor,
     host,
     image,
@@ -17,6 +19,7 @@ from nubes.cli import (
     node,
     security_group,
     store,
+    usage,
     vm,
     volume,
 )
@@ -35,6 +38,7 @@ app = typer.Typer(
 app.command("login")(auth.login)
 app.command("logout")(auth.logout)
 app.command("whoami")(auth.whoami)
+app.command("usage")(usage.usage)
 for group in (
     vm.app,
     image.app,
@@ -51,6 +55,7 @@ for group in (
     auth.token_app,
     auth.totp_app,
     host.app,
+    event.app,
     store.app,
 ):
     app.add_typer(group)
@@ -61,6 +66,8 @@ app.command("node")(node.node)
 app.command("api")(node.api)
 app.command("scheduler")(node.scheduler)
 app.command("agent")(node.agent)
+# This host's readiness.
+app.command("doctor")(doctor.doctor)
 
 
 def _print_version(value: bool) -> None:

@@ -24,9 +24,11 @@ from nubes.cli.common import (
     show_many,
     show_one,
 )
+from nubes.cli.event import print_events
 from nubes.cli.output import OutputFormat
 from nubes.client import Client
 from nubes.client.base import Json
+from nubes.client.errors import ApiError
 from nubes.errors import InvalidInput, NubesError
 
 app = typer.Typer(name="vm", help="Virtual machines.", no_args_is_help=True)
@@ -176,11 +178,30 @@ def list_command(
         show_many("VMs", client.list_vms(state=state, host=host, name=name), output, VM_COLUMNS)
 
 
+HISTORY_EVENTS = 20
+
+
 @app.command("show")
 def show(ref: Ref, output: OUTPUT = OutputFormat.TEXT) -> None:
-    """Show a VM: spec, status, addresses."""
+    """Show a VM: spec, status, addresses, and its last events (`history` in JSON)."""
     with api(output) as client:
-        show_one("VM", client.get_vm(ref), output)
+        vm = client.get_vm(ref)
+        history = _history(client, str(vm["id"]))
+        if output is OutputFormat.JSON:
+            show_one("VM", {**vm, "history": history}, output)
+            return
+        show_one("VM", vm, output)
+        if history:
+            print_events("history", history, output)
+
+
+def _history(client: Client, vm_id: str) -> list[Json]:
+    try:
+        return list(client.list_events(vm_id, "vms", last=HISTORY_EVENTS))
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        return []  # an API older than the event log
 
 
 def _acted(output: OutputFormat, vm: Json, what: str) -> None:

@@ -442,6 +442,22 @@ class Client(BaseClient):
         """
         return self.wait_for(VOLUME, ref, state, timeout)
 
+    # -- usage -------------------------------------------------------------------------------
+
+    def usage(
+        self, project: str | None = None, start: str | None = None, end: str | None = None
+    ) -> Json:
+        """What `project` (default: the token's) used from `start` to `end` (dates, ISO 8601
+        times or `now`; default: the first of this month to now), as the API's UsageReport.
+
+        Raises:
+            ApiError: `invalid_input` for a bad date or an empty period; `not_found` for a
+                project the caller is not in.
+        """
+        params = {"project": project, "from": start, "to": end}
+        result: Json = self.call("GET", "/usage", params=params)
+        return result
+
     # -- watch -------------------------------------------------------------------------------
 
     def watch(
@@ -466,6 +482,45 @@ class Client(BaseClient):
                 status = 410 if body.get("code") == "store_compacted" else 503
                 raise ApiError.from_response(status, body, "the watch ended")
             yield event
+
+    # -- events ------------------------------------------------------------------------------
+
+    def list_events(
+        self,
+        resource: str | None = None,
+        kind: str | None = None,
+        *,
+        project: str | None = None,
+        last: int | None = None,
+    ) -> Iterator[Json]:
+        """Events, oldest first (every page), or only the newest `last` of them."""
+        params = {"resource": resource, "kind": kind, "project": project}
+        if last is None:
+            return self.pages("/events", params)
+        page = self.call("GET", "/events", params={**params, "limit": last, "tail": True})
+        return iter(page.get("items", []))
+
+    def watch_events(
+        self,
+        resource: str | None = None,
+        kind: str | None = None,
+        *,
+        project: str | None = None,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> Iterator[Json]:
+        """New events as they are written, until the stream ends (`timeout`).
+
+        Raises:
+            ApiError: the API ended the stream with an error event.
+        """
+        params = {"resource": resource, "kind": kind, "project": project, "timeout": timeout}
+        for event in self.events("/events/watch", params, read_timeout=read_timeout):
+            if event.type == "error":
+                body = event.data if isinstance(event.data, dict) else {}
+                raise ApiError.from_response(503, body, "the event watch ended")
+            if isinstance(event.data, dict):
+                yield event.data
 
 
 def _chunks(files: Sequence[Path], total: int, progress: Progress | None) -> Iterable[bytes]:

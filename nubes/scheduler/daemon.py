@@ -20,8 +20,10 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nubes.config import SchedulerConfig
+from nubes.config import EventsConfig, MeteringConfig, SchedulerConfig
 from nubes.errors import CompactedError, InvalidInput, StoreError
+from nubes.events.recorder import EventRecorder
+from nubes.metering.meter import Meter
 from nubes.model.host import HostRecord
 from nubes.model.vm import VmRecord
 from nubes.scheduler.binding import bind_batch, report_unschedulable
@@ -495,13 +497,21 @@ async def run_scheduler(
     stop: asyncio.Event,
     *,
     port_deletion: PortDeletion | None = None,
+    events: EventsConfig | None = None,
+    metering: MeteringConfig | None = None,
 ) -> None:
     """Runs one scheduler daemon on `store` until `stop` is set. Ports are deleted as
-    the API deletes them (record, status, address/MAC/name claims) unless told otherwise."""
+    the API deletes them (record, status, address/MAC/name claims) unless told otherwise.
+    The event recorder runs beside it, keeping the log within `events`' limits, and the
+    usage meter, keeping usage intervals for `metering`'s retention."""
     if port_deletion is None:
         from nubes.api.netops import port_deletion_operations  # the API owns the claims
 
         port_deletion = port_deletion_operations
     daemon = SchedulerDaemon(store, config, port_deletion=port_deletion)
-    await daemon.run(stop)
+    # The cluster-wide controllers that are not placement run beside the daemon.
+    async with asyncio.TaskGroup() as controllers:
+        controllers.create_task(daemon.run(stop))
+        controllers.create_task(EventRecorder(store, events).run(stop))
+        controllers.create_task(Meter(store, metering).run(stop))
     log.info("scheduler: stopped; bound %d VMs (%d lost races)", daemon.bound, daemon.lost_races)

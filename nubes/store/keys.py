@@ -7,6 +7,9 @@
 /nubes/projects/<name>/usage     what a project holds, against its quota
 /nubes/names/<kind>/<project>/<name>  -> id: makes names unique per project and findable
 /nubes/claims/<what>/<value>     -> id: one owner for an address, a VNI, ...
+/nubes/meter/<project>/<resource>/<opening>  closed usage intervals (nubes/metering/)
+/nubes/meter-open/<project>/<resource>       the open one of a resource, if any
+/nubes/events/<resource>/<event>  the event log (nubes/events/), pruned by age and count
 """
 
 from __future__ import annotations
@@ -94,3 +97,43 @@ def claim_key(what: str, value: str) -> str:
 def migration_key(vm_id: str) -> str:
     """The progress of a VM's move to another host, written by the agents of both ends."""
     return f"{resource_key(Kind.VM, vm_id)}/migration"
+
+
+EVENTS_PREFIX = f"{ROOT}events/"
+"""Every event of the log, by resource: a resource's history is one prefix range."""
+
+EVENT_CURSOR_KEY = f"{ROOT}event-recorder/cursor"
+"""The last store revision the event recorder wrote events for (where a restart resumes)."""
+
+
+def resource_events_prefix(resource: str) -> str:
+    """The prefix of one resource's events."""
+    _check_name(resource)
+    return f"{EVENTS_PREFIX}{resource}/"
+
+
+def event_key(resource: str, suffix: str) -> str:
+    """The key of one event of `resource`; `suffix` is unique within the resource."""
+    _check_name(suffix)
+    return f"{resource_events_prefix(resource)}{suffix}"
+
+
+METER_PREFIX = f"{ROOT}meter/"
+"""Closed usage intervals, by project then resource: a project's history is one range."""
+
+OPEN_METER_PREFIX = f"{ROOT}meter-open/"
+"""Open usage intervals, one key per billed resource: a restarted meter reads only these."""
+
+
+def meter_key(project: str, resource: str, opening: str) -> str:
+    """The key of the closed usage interval of `resource` that `opening` started."""
+    for part in (project, resource, opening):
+        _check_name(part)
+    return f"{METER_PREFIX}{project}/{resource}/{opening}"
+
+
+def open_meter_key(project: str, resource: str) -> str:
+    """The key of the open usage interval of `resource`: one key, so there is at most one."""
+    for part in (project, resource):
+        _check_name(part)
+    return f"{OPEN_METER_PREFIX}{project}/{resource}"

@@ -88,12 +88,14 @@ async def add_key(lab: ApiLab, project: str, name: str = "mine") -> None:
 
 async def keys(lab: ApiLab) -> set[str]:
     """Every key, less the ones a failed request may leave by design: the project's default
-    security group (made for its first port) and reference touch keys."""
+    security group (made for its first port), reference touch keys and request events."""
     found = (await lab.store.range("/nubes/")).kvs
     return {
         kv.key
         for kv in found
-        if not kv.key.startswith(("/nubes/security-groups/", "/nubes/claims/refs/"))
+        if not kv.key.startswith(
+            ("/nubes/security-groups/", "/nubes/claims/refs/", "/nubes/events/")
+        )
         and not kv.key.startswith("/nubes/names/security-groups/")
     }
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from nubes.api.routes import (
     auth,
+    events,
     flavors,
     floating_ips,
     hosts,
@@ -15,6 +16,7 @@ from nubes.api.routes import (
     ports,
     projects,
     security_groups,
+    usage,
     vms,
     volumes,
     watch,
@@ -33,5 +35,7 @@ ROUTERS: list[APIRouter] = [
     volumes.router,
     vms.router,
     hosts.router,
+    usage.router,
     watch.router,
+    events.router,
 ]

@@ -1,0 +1,365 @@
+"""The event recorder: follows every resource in the store and writes its history to the
+event log (`/nubes/events/`), and prunes the log to its retention limits.
+
+It runs beside the scheduler daemon. It remembers the last value of each key (a watch
+event carries only the new one) and turns each change into events (nubes.events.changes).
+Event keys come from the store revision of the change, and each is written only if
+absent, so two recorders, or one that replays after a restart, write each event once.
+A cursor in the store (the last revision written for) lets a restart resume: it watches
+from there, knowing the value at the cursor of every key unchanged since; a key changed
+meanwhile gets events with what is known (its new state, no previous one). When the
+history was compacted past the cursor, the changes in the gap are lost (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from nubes.config import EventsConfig
+from nubes.errors import CompactedError, StoreError
+from nubes.events.changes import (
+    RECORDED_KINDS,
+    UNKNOWN,
+    Before,
+    Change,
+    KeyPath,
+    event_suffix,
+    events_of,
+    parse_key,
+)
+from nubes.model.event import EventRecord
+from nubes.store.base import (
+    MAX_TXN_OPERATIONS,
+    Compare,
+    Delete,
+    EventType,
+    Get,
+    JsonValue,
+    KeyValue,
+    Put,
+    RangeResult,
+    Store,
+    WatchEvent,
+)
+from nubes.store.keys import (
+    EVENT_CURSOR_KEY,
+    EVENTS_PREFIX,
+    ROOT,
+    event_key,
+    kind_prefix,
+    resource_key,
+    status_key,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0
+PRUNE_SECONDS = 300.0
+BATCH_CHANGES = 2048  # store changes turned into events per round of writes
+LIST_PAGE = 500
+_QUEUE_SIZE = 8192
+_REMEMBERED_TIMES = 100_000
+
+
+@dataclass(slots=True)
+class _Known:
+    value: JsonValue | object  # the value, or UNKNOWN
+    revision: int  # the revision it is known at
+
+
+async def range_all(store: Store, prefix: str, page_size: int = LIST_PAGE) -> RangeResult:
+    """Every key under `prefix`, in pages; the result carries the first page's revision.
+
+    Raises:
+        StoreError: the store cannot be reached.
+    """
+    first = await store.range(prefix, limit=page_size)
+    kvs, page = list(first.kvs), first.kvs
+    while len(page) == page_size:
+        page = (await store.range(prefix, limit=page_size, start=page[-1].key + "\x00")).kvs
+        kvs += page
+    return RangeResult(kvs, first.revision)
+
+
+class EventRecorder:
+    """Run with `await recorder.run(stop)`; `ready` is set once it follows the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: EventsConfig | None = None,
+        *,
+        prune_interval: float = PRUNE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.config = config or EventsConfig()
+        self.prune_interval = prune_interval
+        self.ready = asyncio.Event()
+        self.written = 0  # events this recorder wrote
+        self._known: dict[str, _Known] = {}
+        self._unknown_until = 0  # a key not known before this revision had an unknown value
+        self._skip_cursor = False
+        self._last_at: OrderedDict[str, datetime] = OrderedDict()
+
+    # -- the main loop ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Records and prunes until `stop` is set; never raises (it shares a task group
+        with the scheduler): store trouble and bugs are logged and retried."""
+        while not stop.is_set():
+            try:
+                start = await self._prime()
+                self.ready.set()
+                await self._follow(start, stop)
+            except CompactedError:
+                log.warning(
+                    "events: the store's history was compacted past what was recorded; "
+                    "changes in that gap have no events"
+                )
+                self._skip_cursor = True
+            except StoreError as error:
+                log.warning("events: store trouble (%s); again in %s s", error, RETRY_SECONDS)
+                await _pause(stop, RETRY_SECONDS)
+            except Exception:
+                log.exception("events: the recorder failed; starting again in %s s", RETRY_SECONDS)
+                await _pause(stop, RETRY_SECONDS)
+
+    async def _prime(self) -> int:
+        """Learns every recorded key (as it was at the cursor, when resuming); returns
+        the revision to watch from."""
+        cursor = None if self._skip_cursor else await self._read_cursor()
+        self._skip_cursor = False
+        listings = [
+            await range_all(self.store, kind_prefix(kind)) for kind in sorted(RECORDED_KINDS)
+        ]
+        first, last = listings[0].revision, max(listed.revision for listed in listings)
+        if cursor is not None and cursor > last:
+            cursor = None  # not this store's history (copied or restored): start afresh
+        self._known.clear()
+        for listed in listings:
+            for kv in listed.kvs:
+                if parse_key(kv.key) is not None:
+                    self._learn(kv, cursor)
+        if cursor is None:
+            self._unknown_until = 0
+            return first + 1
+        # A key the listing missed was deleted after the cursor: its value then is unknown.
+        self._unknown_until = last + 1
+        log.info("events: resuming after revision %d", cursor)
+        return cursor + 1
+
+    def _learn(self, kv: KeyValue, cursor: int | None) -> None:
+        if cursor is None or kv.mod_revision <= cursor:
+            self._known[kv.key] = _Known(kv.value, kv.mod_revision)
+        elif kv.create_revision <= cursor:
+            self._known[kv.key] = _Known(UNKNOWN, cursor)  # changed while nobody recorded
+        # else: made after the cursor; its creation is replayed
+
+    async def _read_cursor(self) -> int | None:
+        kv = await self.store.get(EVENT_CURSOR_KEY)
+        value = None if kv is None else kv.value
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    async def _follow(self, start: int, stop: asyncio.Event) -> None:
+        queue: asyncio.Queue[WatchEvent] = asyncio.Queue(_QUEUE_SIZE)
+
+        async def pump() -> None:
+            async with self.store.watch(ROOT, start) as changes:
+                async for change in changes:
+                    await queue.put(change)
+
+        loop = asyncio.get_running_loop()
+        pumping = asyncio.create_task(pump(), name="events watch")
+        stopping = asyncio.create_task(stop.wait())
+        next_prune = loop.time()
+        try:
+            while not stop.is_set():
+                if loop.time() >= next_prune:
+                    await self.prune()
+                    next_prune = loop.time() + self.prune_interval
+                getting = asyncio.create_task(queue.get())
+                try:
+                    await asyncio.wait(
+                        [getting, pumping, stopping],
+                        timeout=max(0.0, next_prune - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    getting.cancel()
+                if pumping.done():
+                    pumping.result()  # the watch ended: raise its error for run()
+                    return
+                if not getting.done() or getting.cancelled():
+                    continue
+                batch = [getting.result()]
+                while len(batch) < BATCH_CHANGES and not queue.empty():
+                    batch.append(queue.get_nowait())
+                await self._record(batch, complete=queue.empty())
+        finally:
+            for task in (pumping, stopping):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -- turning changes into events --------------------------------------------------------
+
+    async def _record(self, batch: Sequence[WatchEvent], *, complete: bool) -> None:
+        events: list[EventRecord] = []
+        for change in batch:
+            events += self.apply(change)
+        if not events:
+            return  # no cursor write either: the recorder's own writes would wake it again
+        # The last revision may continue in the next batch (one transaction, many keys):
+        # then the cursor stays before it, and a restart replays it (written once).
+        last = batch[-1].revision
+        await self.write(events, last if complete else last - 1)
+
+    def apply(self, change: WatchEvent) -> list[EventRecord]:
+        """Remembers `change` and returns its events."""
+        path = parse_key(change.key)
+        if path is None:
+            return []
+        known = self._known.get(change.key)
+        if known is not None and change.revision <= known.revision:
+            return []  # the listing already had it
+        before: Before = None
+        if known is not None:
+            before = known.value
+        elif change.revision < self._unknown_until and change.version != 1:
+            before = UNKNOWN  # existed before the listing, changed while nobody recorded
+        after = change.value if change.type is EventType.PUT else None
+        if after is None:
+            self._known.pop(change.key, None)
+        else:
+            self._known[change.key] = _Known(after, change.revision)
+        try:
+            events = events_of(self._change(path, change.revision, before, after))
+        except Exception:  # one odd record must not stop the log
+            log.exception("events: cannot describe the change of %s; skipped", change.key)
+            return []
+        return [self._in_order(event) for event in events]
+
+    def _change(self, path: KeyPath, revision: int, before: Before, after: JsonValue) -> Change:
+        record: JsonValue = None
+        status: JsonValue = None
+        if path.part == "status":
+            record = self._value(resource_key(path.kind, path.ident))
+        else:
+            status = self._value(status_key(path.kind, path.ident))
+        return Change(
+            path,
+            revision,
+            before,
+            after,
+            record=record,
+            status=status,
+            seen_at=datetime.now(UTC),
+        )
+
+    def _value(self, key: str) -> JsonValue:
+        known = self._known.get(key)
+        return None if known is None or known.value is UNKNOWN else known.value
+
+    def _in_order(self, event: EventRecord) -> EventRecord:
+        """The event, no earlier than the resource's last one: clocks of different
+        writers (agent, API, recorder) must not reorder a resource's history."""
+        last = self._last_at.get(event.resource)
+        if last is not None and event.at < last:
+            event = event.model_copy(update={"at": last})
+        self._last_at[event.resource] = event.at
+        self._last_at.move_to_end(event.resource)
+        while len(self._last_at) > _REMEMBERED_TIMES:
+            self._last_at.popitem(last=False)
+        return event
+
+    # -- writing and pruning ----------------------------------------------------------------
+
+    async def write(self, events: Sequence[EventRecord], cursor: int | None = None) -> int:
+        """Writes the events that are not in the log yet (and the cursor, after the last);
+        returns how many were new.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        new = 0
+        chunk_size = MAX_TXN_OPERATIONS - 1
+        for start in range(0, len(events), chunk_size):
+            chunk = events[start : start + chunk_size]
+            last = start + chunk_size >= len(events)
+            extra = [Put(EVENT_CURSOR_KEY, cursor)] if last and cursor is not None else []
+            new += await write_once(self.store, chunk, extra)
+        self.written += new
+        return new
+
+    async def prune(self, moment: datetime | None = None) -> int:
+        """Removes events older than `retention_days`, then the oldest beyond
+        `retention_count`; returns how many went.
+
+        Raises:
+            StoreError: the store cannot be reached.
+        """
+        moment = moment or datetime.now(UTC)
+        cutoff = moment - timedelta(days=self.config.retention_days)
+        listed = await range_all(self.store, EVENTS_PREFIX)
+        dated = sorted((_at_of(kv.value), kv.key) for kv in listed.kvs)
+        doomed = [key for at, key in dated if at < cutoff]
+        kept = len(dated) - len(doomed)
+        if kept > self.config.retention_count:
+            doomed += [
+                key for _, key in dated[len(doomed) : len(dated) - self.config.retention_count]
+            ]
+        for start in range(0, len(doomed), MAX_TXN_OPERATIONS):
+            await self.store.txn(
+                [], [Delete(key) for key in doomed[start : start + MAX_TXN_OPERATIONS]]
+            )
+        if doomed:
+            log.info("events: pruned %d old events", len(doomed))
+        return len(doomed)
+
+
+async def write_once(store: Store, events: Sequence[EventRecord], extra: Sequence[Put] = ()) -> int:
+    """Writes each event whose key is absent, with `extra`, in one transaction (two when
+    some are there already); returns how many were written.
+
+    Raises:
+        StoreError: the store cannot be written.
+    """
+    puts = {event_key(e.resource, event_suffix(e)): e.to_json() for e in events}
+    keys = list(puts)
+    result = await store.txn(
+        [Compare.absent(key) for key in keys],
+        [*(Put(key, puts[key]) for key in keys), *extra],
+        [Get(key) for key in keys],
+    )
+    if result.succeeded:
+        return len(keys)
+    present = {kv.key for found in result.responses if isinstance(found, list) for kv in found}
+    missing = [key for key in keys if key not in present]
+    result = await store.txn(
+        [Compare.absent(key) for key in missing],
+        [*(Put(key, puts[key]) for key in missing), *extra],
+    )
+    # Lost again: another recorder wrote these meanwhile, which is as good.
+    return len(missing) if result.succeeded else 0
+
+
+def _at_of(value: JsonValue) -> datetime:
+    text = value.get("at") if isinstance(value, dict) else None
+    try:
+        moment = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        return datetime.min.replace(tzinfo=UTC)  # unreadable: the first to go
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
