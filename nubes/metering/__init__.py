@@ -1,0 +1,1 @@
+"""Usage accounting: the meter keeps usage intervals in the store, the report adds them up."""
