@@ -32,6 +32,7 @@ from nubes.agent.volume_controller import VolumeController
 from nubes.config import NubesConfig
 from nubes.errors import CompactedError, InvalidInput, StoreError
 from nubes.ids import IdKind, is_id
+from nubes.metrics.agent import AgentMetrics
 from nubes.model.common import now
 from nubes.model.host import HostRecord
 from nubes.model.vm import VmRecord
@@ -81,6 +82,7 @@ class Agent:
         self.ctx.runtimes = self._runtimes
         self.network = NetworkManager(self.ctx, self._spawn)
         self.ctx.network_manager = self.network
+        self.metrics = AgentMetrics(self.ctx)
         self.vm_controllers: dict[str, VmController] = {}
         self.volume_controllers: dict[str, VolumeController] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,6 +128,7 @@ class Agent:
         await self._wait_first_passes(first_passes)
         self.network.sweep_leftovers()
         self.paths.boot_id_file.write_text(boot_id + "\n")
+        await self.metrics.start()
         log.info(
             "agent %s up (%s, %d VMs, %d volumes)",
             self.host,
@@ -136,6 +139,7 @@ class Agent:
 
     async def stop(self) -> None:
         """Stops following the store; VMs keep running, to be adopted by the next agent."""
+        await self.metrics.stop()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

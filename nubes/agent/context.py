@@ -16,6 +16,7 @@ from nubes.agent.paths import AgentPaths
 from nubes.agent.runtime import VmRuntime
 from nubes.agent.storage.images import ImageCache
 from nubes.config import AgentConfig
+from nubes.metrics.reconcile import ReconcileMetrics
 from nubes.model.host import HostCapacity
 from nubes.model.vm import VmRecord
 from nubes.model.volume import VolumeRecord
@@ -82,6 +83,7 @@ class AgentContext:
     volumes: dict[str, VolumeRecord] = field(default_factory=dict)
     volume_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     launch_gate: LaunchGate = field(default_factory=LaunchGate)
+    reconcile_metrics: ReconcileMetrics = field(default_factory=ReconcileMetrics)
     # Set by the agent: wake the controller of a VM or a volume.
     kick_vm: Callable[[str], None] = lambda _vm_id: None
     kick_volume: Callable[[str], None] = lambda _volume_id: None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 
 from nubes.agent.context import AgentContext
 from nubes.agent.status import StatusWriter
@@ -14,6 +15,8 @@ from nubes.store.keys import Kind, resource_key, status_key
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_SECONDS = 30.0
+# The `controller` label of nubes_reconcile_seconds for each kind of record.
+_METRIC_LABELS = {Kind.VM: "vm", Kind.VOLUME: "volume", Kind.NETWORK: "vpc"}
 
 
 class Controller(abc.ABC):
@@ -23,6 +26,7 @@ class Controller(abc.ABC):
         self.ctx = context
         self.name = name
         self.key = resource_key(kind, name)
+        self.metric_label = _METRIC_LABELS.get(kind, kind.value)
         self.status_writer = StatusWriter(context.store, status_key(kind, name))
         self.finished = False
         self._wake = asyncio.Event()
@@ -54,6 +58,7 @@ class Controller(abc.ABC):
                 self._wake.clear()
                 resync, self._resync = self._resync, False
                 self._passing = True
+                started = time.perf_counter()
                 try:
                     await self.reconcile(resync=resync)
                     failures = 0
@@ -63,6 +68,8 @@ class Controller(abc.ABC):
                     self.kick_later(min(MAX_RETRY_DELAY_SECONDS, 0.5 * 2**failures))
                 finally:
                     self._passing = False
+                elapsed = time.perf_counter() - started  # not reached when cancelled
+                self.ctx.reconcile_metrics.observe(self.metric_label, elapsed, failed=failures > 0)
         finally:
             if self._timer is not None:
                 self._timer.cancel()

@@ -42,19 +42,24 @@ __all__ = [
 
 
 async def open_store(config: NubesConfig) -> Store:
-    """Open the store the configuration names.
+    """Open the store the configuration names, timing its requests (nubes.metrics.store).
 
     Raises:
         StoreUnavailable: the store cannot be opened or reached.
     """
+    from nubes.metrics.store import MeteredStore
+
+    store: Store
     if config.store.engine is StoreEngine.ETCD:
         from nubes.store.etcd import EtcdStore
 
-        return await EtcdStore.connect(config.store.endpoints, timeout=config.store.timeout)
-    from nubes.store.sqlite import SqliteStore
+        store = await EtcdStore.connect(config.store.endpoints, timeout=config.store.timeout)
+    else:
+        from nubes.store.sqlite import SqliteStore
 
-    return await SqliteStore.open(
-        config.sqlite_path,
-        timeout=config.store.timeout,
-        history_revisions=config.store.history_revisions,
-    )
+        store = await SqliteStore.open(
+            config.sqlite_path,
+            timeout=config.store.timeout,
+            history_revisions=config.store.history_revisions,
+        )
+    return MeteredStore(store)

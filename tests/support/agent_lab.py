@@ -38,6 +38,7 @@ from nubes.model.volume import VolumeRecord, VolumeSpec, VolumeStatus
 from nubes.store.keys import Kind, resource_key, status_key
 from nubes.store.sqlite import SqliteStore
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
+from tests.support.etcd import free_port
 from tests.support.lab_store import LabTimeout, RecordEdits, StatusHistory
 from tests.support.processes import stop_fencer
 
@@ -76,6 +77,8 @@ class AgentLab(StatusHistory, RecordEdits):
         self.agent_state = self.state_dir / "agent"
         self.run_dir = self.directory / "run"
         self.config_path = self.directory / "nubes.toml"
+        # Labs run side by side: each agent's /metrics gets its own port, not 8687.
+        self.metrics_port = free_port()
         self.config_path.write_text(
             f'state_dir = "{self.state_dir}"\n'
             "[store]\n"
@@ -87,7 +90,9 @@ class AgentLab(StatusHistory, RecordEdits):
             'accel = "tcg"\n'
             f"soft_stop_timeout = {soft_stop_timeout}\n"
             f"resync_interval = {resync_interval}\n"
-            "heartbeat_ttl = 4\n" + agent_settings.replace("{prefix}", self.prefix)
+            "heartbeat_ttl = 4\n"
+            f"metrics_port = {self.metrics_port}\n"
+            + agent_settings.replace("{prefix}", self.prefix)
         )
         self.agent_log = self.directory / "agent.log"
         self.agent: subprocess.Popen[bytes] | None = None

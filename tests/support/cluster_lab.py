@@ -42,7 +42,7 @@ from nubes.store.etcd import EtcdStore
 from nubes.store.keys import Kind, host_alive_key, resource_key, status_key
 from nubes.tinyimage.builder import build_tiny_image, default_cache_directory
 from tests.support.agent_lab import TEST_FAILED, TINY, list_netns_names
-from tests.support.etcd import EtcdCluster
+from tests.support.etcd import EtcdCluster, free_port
 from tests.support.lab_store import LabTimeout, RecordEdits, StatusHistory
 from tests.support.processes import stop_fencer, stop_process
 
@@ -229,6 +229,7 @@ class ClusterLab(StatusHistory, RecordEdits):
                 subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
     def _write_config(self, host: LabHost) -> None:
+        # Each agent's /metrics on a port of its own (not 8687): agents run side by side.
         host.directory.mkdir(parents=True)
         pools = (
             f'storage_pools = {{ shared = "{self.shared_pool}" }}\n'
@@ -251,6 +252,7 @@ class ClusterLab(StatusHistory, RecordEdits):
             f"heartbeat_ttl = {self._heartbeat_ttl}\n"
             f'underlay_address = "{host.underlay}"\n'
             f'underlay_netns = "{host.netns}"\n'
+            f"metrics_port = {free_port()}\n"
             + pools
             + self._agent_settings.replace("{prefix}", host.prefix)
             + "[scheduler]\n"

@@ -52,6 +52,7 @@ class NodeLab:
         self.run_dir = self.directory / "run"
         self.files = NodeFiles(self.state_dir)
         self.port = free_port()
+        self.metrics_port = free_port()
         self.bridge = f"{self.prefix}ext"
         # A /28 somewhere in 198.18.128.0/17: labs running at once do not collide.
         third, fourth = 128 + secrets.randbelow(128), 16 * secrets.randbelow(16)
@@ -70,6 +71,7 @@ class NodeLab:
             NUBES_AGENT__PREFIX=self.prefix,
             NUBES_AGENT__ACCEL="tcg",
             NUBES_AGENT__RESYNC_INTERVAL="5",
+            NUBES_AGENT__METRICS_PORT=str(self.metrics_port),  # labs run side by side
             XDG_CONFIG_HOME=str(self.directory / "xdg"),
         )
         return env
