@@ -5,6 +5,7 @@ console, deletes it; a wrong password is refused in words; every page works."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.integration
 # A tiny guest under TCG on a busy 2-core machine: from the form to running.
 RUNNING_TIMEOUT = 240.0
 README_SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "images" / "dashboard.png"
+# The README's picture is renewed only when asked, so a test run leaves the checkout clean.
+UPDATE_README_SCREENSHOT = os.environ.get("NUBES_UPDATE_SCREENSHOT") == "1"
 
 
 def mark_page(page: Dashboard) -> None:
@@ -125,9 +128,10 @@ def test_a_person_makes_a_vm_watches_it_run_reads_its_console_and_deletes_it(
     )
     assert str(address).endswith("(default)"), address
     shot = page.shot("3-running")
-    README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, README_SCREENSHOT)
-    assert README_SCREENSHOT.stat().st_size < 200_000
+    assert shot.stat().st_size < 200_000
+    if UPDATE_README_SCREENSHOT:
+        README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, README_SCREENSHOT)
 
     give_it_a_floating_ip_and_take_it_back(page)
     attach_a_volume_and_detach_it(page)
