@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+from pathlib import Path
 
 import grpc
 from aetcd import rpc
@@ -32,8 +34,6 @@ async def check_store(config: NubesConfig, timeout: float = STORE_CHECK_TIMEOUT)
 
 
 async def _check_sqlite(config: NubesConfig, key: str, timeout: float) -> Check:
-    from nubes.store.sqlite import SqliteStore
-
     path = config.sqlite_path
     name = "store"
     if not path.exists():
@@ -49,19 +49,36 @@ async def _check_sqlite(config: NubesConfig, key: str, timeout: float) -> Check:
             "run as root, or set [store] path / state_dir to a writable place",
         )
     try:
-        async with asyncio.timeout(timeout):
-            store = await SqliteStore.open(path, timeout=timeout)
-            try:
-                record = await store.get(key)
-                revision = await store.current_revision()
-            finally:
-                await store.close()
+        revision, known_host = await asyncio.wait_for(
+            asyncio.to_thread(_read_sqlite, path, key, timeout), timeout + 1
+        )
     except TimeoutError:
         return fail(name, f"SQLite at {path} did not answer within {timeout:g} s", _SQLITE_FIX)
-    except NubesError as error:
-        return fail(name, f"SQLite at {path}: {error.message}", error.hint or _SQLITE_FIX)
-    known = "knows this host" if record is not None else "does not know this host yet"
+    except sqlite3.Error as error:
+        return fail(name, f"SQLite at {path}: {error}", _SQLITE_FIX)
+    if revision is None:
+        return fail(
+            name,
+            f"SQLite at {path} is a database without the nubes tables",
+            "point [store] path (or state_dir) at the nubes store, or move this file away",
+        )
+    known = "knows this host" if known_host else "does not know this host yet"
     return ok(name, f"SQLite at {path}: revision {revision}, {known}")
+
+
+def _read_sqlite(path: Path, key: str, timeout: float) -> tuple[int | None, bool]:
+    """The store's revision and whether it has `key`, read without writing anything: the
+    file is opened read-only (no WAL switch, no table made, no housekeeping)."""
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=timeout)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        if not {"meta", "kv"} <= tables:
+            return None, False
+        row = connection.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+        found = connection.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone()
+        return (int(row[0]) if row else 0), found is not None
+    finally:
+        connection.close()
 
 
 _SQLITE_FIX = "check that no process holds a lock on it for long (nubes down), and the file's mode"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from nubes.config import Accel, NubesConfig
 from nubes.doctor import Check, Status, disk, kernel, kvm, summary, tools
 from nubes.doctor.run import guarded
 from nubes.doctor.store import check_store
+from nubes.store.keys import Kind, resource_key
 
 runner = CliRunner()
 
@@ -311,6 +314,36 @@ async def test_a_sqlite_store_that_is_not_a_database_fails(tmp_path: Path) -> No
     [check] = await check_store(config, timeout=1)
     assert check.status is Status.FAIL
     assert str(tmp_path / "nubes.db") in check.found
+
+
+async def test_a_real_sqlite_store_is_read_and_left_exactly_as_it_was(tmp_path: Path) -> None:
+    from nubes.store.sqlite import SqliteStore
+
+    store = await SqliteStore.open(tmp_path / "nubes.db")
+    await store.put(resource_key(Kind.HOST, "h1"), {"name": "h1"})
+    await store.close()
+    before = (tmp_path / "nubes.db").read_bytes()
+    config = NubesConfig.model_validate({"state_dir": str(tmp_path), "agent": {"host": "h1"}})
+    [check] = await check_store(config, timeout=1)
+    assert check.status is Status.OK, check
+    assert "knows this host" in check.found
+    # The database is untouched; SQLite itself may leave its empty WAL companions.
+    assert (tmp_path / "nubes.db").read_bytes() == before
+    companions = {"nubes.db", "nubes.db-wal", "nubes.db-shm"}
+    assert set(os.listdir(tmp_path)) <= companions
+
+
+async def test_a_sqlite_file_without_the_nubes_tables_fails_and_gets_none(tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "nubes.db")
+    other.execute("CREATE TABLE notes (text TEXT)")
+    other.commit()
+    other.close()
+    config = NubesConfig.model_validate({"state_dir": str(tmp_path)})
+    [check] = await check_store(config, timeout=1)
+    assert check.status is Status.FAIL
+    assert "without the nubes tables" in check.found
+    tables = sqlite3.connect(tmp_path / "nubes.db").execute("SELECT name FROM sqlite_master")
+    assert [row[0] for row in tables] == ["notes"]
 
 
 async def test_a_sqlite_store_not_made_yet_is_fine_and_is_not_created(tmp_path: Path) -> None:
