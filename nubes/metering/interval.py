@@ -9,6 +9,7 @@ its opening id (the store revision of the change that opened it) in one transact
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime
 from enum import StrEnum
 
@@ -68,20 +69,30 @@ async def read_intervals(store: Store, project: str) -> list[UsageInterval]:
     """Every usage interval of `project`, closed and open, read in pages (records that
     are not intervals are skipped with a log line).
 
+    The pages are read at different revisions, and closing moves an interval from its
+    open key to a closed one in one transaction: reading the open ones first, then the
+    closed ones, finds an interval closed in between twice (once per key, kept closed)
+    rather than never.
+
     Raises:
         StoreError: the store cannot be reached.
     """
-    intervals = []
-    for prefix in (METER_PREFIX, OPEN_METER_PREFIX):
-        start: str | None = None
-        while True:
-            page = (await store.range(f"{prefix}{project}/", limit=PAGE, start=start)).kvs
-            for kv in page:
-                try:
-                    intervals.append(UsageInterval.from_json(kv.value))
-                except InvalidInput as error:
-                    log.error("%s is not a usage interval, skipped: %s", kv.key, error)
-            if len(page) < PAGE:
-                break
-            start = page[-1].key + "\x00"
-    return intervals
+    found: dict[tuple[str, str], UsageInterval] = {}
+    for prefix in (OPEN_METER_PREFIX, METER_PREFIX):
+        async for interval in _read_prefix(store, f"{prefix}{project}/"):
+            found[(interval.resource, interval.opening)] = interval  # closed wins: read last
+    return list(found.values())
+
+
+async def _read_prefix(store: Store, prefix: str) -> AsyncIterator[UsageInterval]:
+    start: str | None = None
+    while True:
+        page = (await store.range(prefix, limit=PAGE, start=start)).kvs
+        for kv in page:
+            try:
+                yield UsageInterval.from_json(kv.value)
+            except InvalidInput as error:
+                log.error("%s is not a usage interval, skipped: %s", kv.key, error)
+        if len(page) < PAGE:
+            return
+        start = page[-1].key + "\x00"

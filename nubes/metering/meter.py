@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -39,6 +40,7 @@ from nubes.store.base import (
 from nubes.store.keys import (
     METER_PREFIX,
     OPEN_METER_PREFIX,
+    ROOT,
     Kind,
     kind_prefix,
     open_meter_key,
@@ -53,6 +55,12 @@ RESYNC_SECONDS = 600.0  # a full listing behind the watches
 PRUNE_SECONDS = 24 * 3600.0
 LIST_PAGE = 500
 EVENTS_PER_ROUND = 1024
+QUEUE_SIZE = 4 * EVENTS_PER_ROUND  # changes read ahead; a full queue holds the watches back
+CURSOR_SECONDS = 5.0  # how stale the saved cursor may be (a stale one replays a little more)
+REPLAY_IDLE_SECONDS = 2.0  # a replay waiting this long for a change has caught up
+METER_CURSOR_KEY = f"{ROOT}meter-cursor"
+"""The revision up to which every VM change has been metered: a restarted meter replays
+the VM history from there, so what happened while no meter ran is billed at its times."""
 _VMS, _VOLUMES = kind_prefix(Kind.VM), kind_prefix(Kind.VOLUME)
 _FIPS = kind_prefix(Kind.FLOATING_IP)
 _PREFIXES = (_VMS, _VOLUMES, _FIPS)
@@ -83,6 +91,8 @@ class Meter:
         self.resync_seconds = resync_seconds
         self.ready = asyncio.Event()
         self.lost_races = 0  # changes another meter (or a newer record) got to first
+        self._vm_cursor = 0  # every VM change up to this revision is metered
+        self._cursor_saved_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -127,6 +137,7 @@ class Meter:
         Raises:
             StoreError: the store cannot be reached.
         """
+        cursor = await self._read_cursor()
         self._reset()
         for kv in (await _range_all(self.store, OPEN_METER_PREFIX)).kvs:
             try:
@@ -137,6 +148,8 @@ class Meter:
             self._open[interval.resource] = interval
             self._projects[interval.resource] = interval.project
         listings = {prefix: await _range_all(self.store, prefix) for prefix in _PREFIXES}
+        if cursor is not None and cursor < listings[_VMS].revision:
+            await self._replay_vms(cursor, listings[_VMS])
         seen: set[str] = set()
         observations: list[Observation] = []
         for kv in listings[_VMS].kvs:
@@ -161,11 +174,12 @@ class Meter:
         gone = [resource for resource in self._open if resource not in seen]
         observations += [Observation(resource, latest) for resource in gone]
         await self._apply(observations)
+        await self._save_cursor(listings[_VMS].revision)
         log.info("meter: %d resources billed now", len(self._open))
         return {prefix: listing.revision for prefix, listing in listings.items()}
 
     async def _follow(self, revisions: dict[str, int], stop: asyncio.Event) -> None:
-        queue: asyncio.Queue[WatchEvent] = asyncio.Queue()
+        queue: asyncio.Queue[WatchEvent] = asyncio.Queue(maxsize=QUEUE_SIZE)
         tasks = [
             asyncio.create_task(self._watch(prefix, revision + 1, queue))
             for prefix, revision in revisions.items()
@@ -187,7 +201,7 @@ class Meter:
     ) -> None:
         async with self.store.watch(prefix, from_revision=from_revision) as events:
             async for event in events:
-                queue.put_nowait(event)
+                await queue.put(event)  # waits while the meter is behind: nothing dropped
 
     async def _process(self, queue: asyncio.Queue[WatchEvent]) -> None:
         """Turns the changes into intervals, a round of waiting changes at a time, so a
@@ -206,6 +220,80 @@ class Meter:
                 if observation is not None:
                     observations.append(observation)
             await self._apply(observations)
+            vm_revisions = [event.revision for event in events if event.key.startswith(_VMS)]
+            if vm_revisions and time.monotonic() - self._cursor_saved_at >= CURSOR_SECONDS:
+                await self._save_cursor(max(vm_revisions))
+
+    # -- what happened while no meter ran ------------------------------------------------
+
+    async def _replay_vms(self, cursor: int, listing: RangeResult) -> None:
+        """Meters the VM statuses written since `cursor` (up to the listing), in order, so
+        a VM stopped and started again, or deleted, while no meter ran is billed by its
+        agent's times rather than as if it ran on until now. A history compacted away
+        meanwhile leaves the listing alone to go by (logged).
+
+        Raises:
+            StoreError: the store cannot be reached.
+        """
+        for kv in listing.kvs:  # records only: a status counts from the history
+            if "/" not in kv.key[len(_VMS) :]:
+                self._on_vm_key(kv.key, kv, kv.mod_revision)
+        listed = {kv.key[len(_VMS) :].partition("/")[0] for kv in listing.kvs}
+        for interval in self._open.values():  # deleted meanwhile: as it was billed
+            flavor = interval.flavor
+            if flavor is not None and interval.resource not in listed:
+                self._vms[interval.resource] = _Vm(interval.project, flavor)
+        # The history is read until it holds every listed change and every deletion of
+        # a VM still billed, or (a history without them) goes quiet.
+        unseen = {(kv.key, kv.mod_revision) for kv in listing.kvs if kv.mod_revision > cursor}
+        deleted_unseen = {vm_id for vm_id in self._vms if vm_id not in listed}
+        observations: list[Observation] = []
+        try:
+            async with self.store.watch(_VMS, from_revision=cursor + 1) as events:
+                while unseen or deleted_unseen:
+                    event = await asyncio.wait_for(anext(events), REPLAY_IDLE_SECONDS)
+                    if event.revision > listing.revision:
+                        break
+                    unseen.discard((event.key, event.revision))
+                    if event.type is EventType.DELETE:
+                        deleted_unseen.discard(event.key[len(_VMS) :].partition("/")[0])
+                    observation = self._replayed(event)
+                    if observation is not None:
+                        observations.append(observation)
+        except TimeoutError:
+            log.warning("meter: the VM history since revision %d ends early", cursor)
+        except CompactedError:
+            log.warning("meter: the VM history since revision %d is compacted away", cursor)
+        await self._apply(observations)
+        self._vms.clear()  # the listing says how things are now
+        self._vm_statuses.clear()
+
+    def _replayed(self, event: WatchEvent) -> Observation | None:
+        """A status change as the meter would have seen it; a record change only updates
+        what the meter knows (its status is that of the history, not of now)."""
+        kv = None
+        if event.type is EventType.PUT:
+            kv = KeyValue(
+                event.key, event.value, event.create_revision, event.revision, event.version
+            )
+        vm_id = self._on_vm_key(event.key, kv, event.revision)
+        if vm_id is None or not event.key.endswith("/status"):
+            return None
+        return self._observe_vm(vm_id, event.revision)
+
+    async def _read_cursor(self) -> int | None:
+        kv = await self.store.get(METER_CURSOR_KEY)
+        if kv is None or not isinstance(kv.value, int) or isinstance(kv.value, bool):
+            return None
+        return kv.value
+
+    async def _save_cursor(self, revision: int) -> None:
+        """Saves how far VM changes are metered (a second meter may save an older one:
+        that only replays more, and a replay never counts twice)."""
+        if revision > self._vm_cursor:
+            self._vm_cursor = revision
+            await self.store.put(METER_CURSOR_KEY, revision)
+        self._cursor_saved_at = time.monotonic()
 
     # -- reading the records ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pytest
 from nubes.config import MeteringConfig
 from nubes.errors import StoreUnavailable
 from nubes.ids import IdKind, new_id
+from nubes.metering import meter as meter_module
 from nubes.metering.interval import MeteredKind, UsageInterval, read_intervals
 from nubes.metering.meter import Meter
 from nubes.model.network import FloatingIpRecord, FloatingIpSpec
@@ -202,6 +203,49 @@ async def test_a_restarted_meter_closes_what_stopped_while_it_was_away_without_d
         assert await settles_to(store, 4, 2) == found
 
 
+async def test_a_restarted_meter_bills_a_stop_and_a_deletion_while_it_was_away_at_their_times(
+    store: SqliteStore,
+) -> None:
+    async with running_meter(store):
+        restarted, deleted = await add_vm(store), await add_vm(store)
+        for vm_id in (restarted, deleted):
+            await set_state(store, vm_id, VmState.RUNNING, at(1))
+        await settles_to(store, 2, 2)
+    # The meter is away: one VM stops and starts again, one is deleted.
+    await set_state(store, restarted, VmState.STOPPED, at(9))
+    await set_state(store, restarted, VmState.RUNNING, at(15))
+    await set_state(store, deleted, VmState.DELETING, at(12))
+    await delete_vm(store, deleted)
+    async with running_meter(store):
+        found = await settles_to(store, 3, 1)
+    assert {(i.resource, i.started_at, i.ended_at) for i in found} == {
+        (restarted, at(1), at(9)),
+        (restarted, at(15), None),
+        (deleted, at(1), at(12)),
+    }
+    async with running_meter(store):  # and once more: the history replayed again adds nothing
+        assert await settles_to(store, 3, 1) == found
+
+
+async def test_a_restarted_meter_without_the_history_goes_by_what_it_lists(
+    store: SqliteStore,
+) -> None:
+    async with running_meter(store):
+        restarted, deleted = await add_vm(store), await add_vm(store)
+        for vm_id in (restarted, deleted):
+            await set_state(store, vm_id, VmState.RUNNING, at(1))
+        await settles_to(store, 2, 2)
+    await set_state(store, restarted, VmState.STOPPED, at(9))
+    await set_state(store, restarted, VmState.RUNNING, at(15))
+    await delete_vm(store, deleted)
+    await store.compact(await store.current_revision())
+    async with running_meter(store):
+        found = await settles_to(store, 2, 1)
+    by_vm = {i.resource: i for i in found}
+    assert (by_vm[restarted].started_at, by_vm[restarted].ended_at) == (at(1), None)
+    assert by_vm[deleted].ended_at is not None  # when the meter saw it gone
+
+
 async def test_two_meters_at_once_never_count_twice(tmp_path: Path) -> None:
     other = await SqliteStore.open(tmp_path / "nubes.db")
     first = await SqliteStore.open(tmp_path / "nubes.db")
@@ -241,6 +285,28 @@ async def test_a_burst_of_vms_is_metered_in_few_transactions(store: SqliteStore)
         await settles_to(store, 300, 300)
         # The reconciliation wrote 300 intervals in a few transactions (3 compares each).
         assert await store.current_revision() - before <= 10
+
+
+async def test_a_burst_larger_than_the_queue_holds_the_watch_back_without_starting_over(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meter_module, "QUEUE_SIZE", 2)
+    monkeypatch.setattr(meter_module, "EVENTS_PER_ROUND", 2)
+    reconciles = 0
+    reconcile = Meter.reconcile
+
+    async def counted(meter: Meter) -> dict[str, int]:
+        nonlocal reconciles
+        reconciles += 1
+        return await reconcile(meter)
+
+    monkeypatch.setattr(Meter, "reconcile", counted)
+    vms = [await add_vm(store) for _ in range(40)]
+    async with running_meter(store):
+        status = VmStatus(state=VmState.RUNNING, flavor=SMALL, updated_at=at(1))
+        await store.txn([], [Put(status_key(Kind.VM, vm_id), status.to_json()) for vm_id in vms])
+        await settles_to(store, 40, 40)
+    assert reconciles == 1
 
 
 async def test_closed_intervals_older_than_keep_days_are_pruned(store: SqliteStore) -> None:
@@ -319,3 +385,42 @@ async def test_the_meter_waits_out_store_trouble_and_never_raises(tmp_path: Path
         assert flaky.failures == 0
     finally:
         await flaky.close()
+
+
+class ClosingStore(SqliteStore):
+    """A store in which an open interval is closed (as the meter does: delete the open key,
+    put the closed one, in one transaction) right after the report's first page is read."""
+
+    closing: UsageInterval | None = None
+
+    async def range(
+        self, prefix: str, *, limit: int | None = None, start: str | None = None
+    ) -> RangeResult:
+        read = await super().range(prefix, limit=limit, start=start)
+        interval, self.closing = self.closing, None
+        if interval is not None:
+            closed = interval.model_copy(update={"ended_at": at(30)})
+            await self.txn([], [Delete(interval.key), Put(closed.key, closed.to_json())])
+        return read
+
+
+async def test_a_report_read_while_an_interval_closes_still_finds_it_once(
+    tmp_path: Path,
+) -> None:
+    store = await ClosingStore.open(tmp_path / "nubes.db")
+    assert isinstance(store, ClosingStore)
+    try:
+        opened = UsageInterval(
+            project="p1",
+            resource="i-aaaaaaaaaa",
+            kind=MeteredKind.VM,
+            opening="0000000000000007",
+            flavor=None,
+            started_at=at(0),
+        )
+        await store.put(opened.key, opened.to_json())
+        store.closing = opened
+        [found] = await read_intervals(store, "p1")
+        assert (found.started_at, found.ended_at) == (at(0), at(30))
+    finally:
+        await store.close()
