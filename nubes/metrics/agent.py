@@ -101,9 +101,20 @@ class AgentMetrics:
     async def snapshot(self) -> AgentSnapshot:
         runtimes = self.ctx.runtimes()
         samples = await asyncio.gather(
-            *(self._sample_vm(vm_id, runtime) for vm_id, runtime in sorted(runtimes.items()))
+            *(self._sample_vm_or_none(vm_id, rt) for vm_id, rt in sorted(runtimes.items()))
         )
         return AgentSnapshot(host=self._sample_host(), vms=[s for s in samples if s is not None])
+
+    async def _sample_vm_or_none(self, vm_id: str, runtime: VmRuntime) -> VmSample | None:
+        """One VM's sample, or None: a VM that cannot be read loses its series for this
+        scrape, and the host and the other VMs are served all the same."""
+        try:
+            return await self._sample_vm(vm_id, runtime)
+        except (OSError, ValueError) as error:
+            log.warning("metrics: cannot sample VM %s, left out of this scrape: %s", vm_id, error)
+        except Exception:
+            log.exception("metrics: sampling VM %s failed; left out of this scrape", vm_id)
+        return None
 
     def _sample_host(self) -> HostSample:
         capacity = self.ctx.capacity

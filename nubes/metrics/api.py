@@ -24,10 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nubes.api.context import ApiContext
 from nubes.errors import InvalidInput, StoreError
-from nubes.metrics.samples import MIB
+from nubes.metrics.samples import HOST_CAPACITY_HELP, MIB
 from nubes.metrics.store import store_metrics_of
 from nubes.model.host import HostLiveness, HostRecord
 from nubes.model.vm import VmRecord, VmState, VmStatus
+from nubes.scheduler.daemon import LIST_PAGE, range_all
 from nubes.store.base import KeyValue, Store
 from nubes.store.keys import Kind, kind_prefix
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 CLUSTER_VIEW_SECONDS = 5.0
 UNMATCHED_ROUTE = "unmatched"  # unknown paths share one label: a fuzzer makes no new series
+# h11 accepts any token as a method and requests are counted before authentication, so
+# any other method shares one label: a client cannot grow the registry without bound.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
 GIB = 1024 * MIB
 
 
@@ -137,9 +142,14 @@ class RequestMetricsMiddleware:
 
     def _record(self, scope: Scope, started: float, code: int) -> None:
         template = self.templates.template_of(str(scope.get("path", "")))
-        method = str(scope.get("method", ""))
+        method = method_label(str(scope.get("method", "")))
         self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
         self.metrics.requests.labels(method, template, str(code)).inc()
+
+
+def method_label(method: str) -> str:
+    """The `method` label of a request: its method when it is a known one, else "other"."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
 # -- the cluster, from the store ------------------------------------------------------------
@@ -164,8 +174,10 @@ class ClusterView:
     hosts: list[HostView] = field(default_factory=list)
 
 
-async def read_cluster(store: Store) -> ClusterView:
-    """VMs by state and every host's liveness, capacity and allocations, read now.
+async def read_cluster(store: Store, *, page_size: int = LIST_PAGE) -> ClusterView:
+    """VMs by state and every host's liveness, capacity and allocations, read now, in
+    pages of `page_size` keys (one read of every VM passes etcd's 4 MiB message limit at
+    a thousand or two).
 
     Raises:
         StoreError: the store cannot be read.
@@ -175,7 +187,7 @@ async def read_cluster(store: Store) -> ClusterView:
     vm_prefix = kind_prefix(Kind.VM)
     records: dict[str, VmRecord] = {}
     statuses: dict[str, VmStatus] = {}
-    for kv in (await store.range(vm_prefix)).kvs:
+    for kv in (await range_all(store, vm_prefix, page_size)).kvs:
         name, _, rest = kv.key[len(vm_prefix) :].partition("/")
         try:
             if not rest:
@@ -187,7 +199,7 @@ async def read_cluster(store: Store) -> ClusterView:
     counts = {state.value: 0 for state in VmState}
     for vm_id, record in records.items():
         counts[effective_state(record, statuses.get(vm_id)).value] += 1
-    hosts = _host_views((await store.range(kind_prefix(Kind.HOST))).kvs)
+    hosts = _host_views((await range_all(store, kind_prefix(Kind.HOST), page_size)).kvs)
     return ClusterView(vms_by_state=counts, hosts=hosts)
 
 
@@ -236,12 +248,19 @@ def render_cluster(view: ClusterView) -> Iterator[Metric]:
     yield liveness
     per_host = {
         "up": ("nubes_host_up", "1 while the host's heartbeat is in the store"),
-        "capacity_vcpus": ("nubes_host_capacity_vcpus", "CPUs the host offers guests"),
+        # The agent serves these three too: one HELP text each, from samples.py.
+        "capacity_vcpus": (
+            "nubes_host_capacity_vcpus",
+            HOST_CAPACITY_HELP["nubes_host_capacity_vcpus"],
+        ),
         "capacity_memory_bytes": (
             "nubes_host_capacity_memory_bytes",
-            "Memory the host offers guests",
+            HOST_CAPACITY_HELP["nubes_host_capacity_memory_bytes"],
         ),
-        "capacity_disk_bytes": ("nubes_host_capacity_disk_bytes", "Disk the host offers guests"),
+        "capacity_disk_bytes": (
+            "nubes_host_capacity_disk_bytes",
+            HOST_CAPACITY_HELP["nubes_host_capacity_disk_bytes"],
+        ),
         "allocated_vms": ("nubes_host_allocated_vms", "VMs the scheduler bound to the host"),
         "allocated_vcpus": ("nubes_host_allocated_vcpus", "vCPUs bound to the host"),
         "allocated_memory_bytes": (

@@ -1,7 +1,8 @@
 """A tiny asyncio HTTP/1.1 server for one endpoint, GET /metrics: what an agent serves.
 
 One request per connection, answered and closed; a client that does not send its
-request head within a few seconds is dropped, so a stuck scraper holds nothing long.
+request head within a few seconds is dropped, so a stuck scraper holds nothing long;
+stopping the server ends every connection still open.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MetricsServer:
         self.listen = listen
         self.port = port
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Binds and starts serving; port 0 picks a free port (see `bound_port`).
@@ -48,13 +50,27 @@ class MetricsServer:
         return port
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        """Stops listening and ends the connections still open: a scrape being rendered, a
+        client that has not sent its request yet. (On Python 3.11 closing a server leaves
+        its connections be, and wait_closed() does not wait for them.)"""
+        if self._server is None:
+            return
+        self._server.close()
+        # A connection accepted just before close() starts its handler while we wait.
+        while self._connections:
+            handlers = list(self._connections)
+            for handler in handlers:
+                handler.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            self._connections.difference_update(handlers)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None, "asyncio runs each connection's handler as a task"
+        self._connections.add(handler)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -73,6 +89,7 @@ class MetricsServer:
         except Exception:
             log.exception("metrics: answering a scrape failed")
         finally:
+            self._connections.discard(handler)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -89,4 +106,9 @@ class MetricsServer:
             return "404 Not Found", "text/plain", b"only /metrics is served here\n"
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"use GET /metrics\n"
-        return "200 OK", CONTENT_TYPE_LATEST, await self.render()
+        try:
+            body = await self.render()
+        except Exception:  # the scraper learns it failed, the log says why
+            log.exception("metrics: rendering a scrape failed")
+            return "500 Internal Server Error", "text/plain", b"metrics could not be gathered\n"
+        return "200 OK", CONTENT_TYPE_LATEST, body

@@ -83,6 +83,10 @@ def sample_process(pid: int) -> ProcessSample | None:
 
     /proc/<pid>/net shows the namespace the process runs in, so a QEMU launched in a VPC
     namespace shows that namespace's interfaces, its taps among them.
+
+    Raises:
+        OSError: a file of /proc/<pid> cannot be read (other than by the process ending).
+        ValueError: a file of /proc/<pid> does not read as the kernel writes it.
     """
     directory = _PROC / str(pid)
     try:

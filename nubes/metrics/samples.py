@@ -15,6 +15,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 MIB = 1024 * 1024
 
+# The host record's capacity, served by the API (from the store) and by the agent (what
+# it registered): one HELP text each, so the two endpoints describe them alike.
+HOST_CAPACITY_HELP = {
+    "nubes_host_capacity_vcpus": "CPUs the host offers guests (its host record's capacity)",
+    "nubes_host_capacity_memory_bytes": (
+        "Memory the host offers guests (its host record's capacity)"
+    ),
+    "nubes_host_capacity_disk_bytes": (
+        "Disk the host offers guests (its host record's capacity.disk_gb, in bytes)"
+    ),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class DiskCounters:
@@ -68,22 +80,25 @@ class AgentSnapshot:
 
 
 def parse_blockstats(result: Any) -> list[DiskCounters]:
-    """The guest-side counters of each block node from a query-blockstats answer."""
+    """The guest-side counters of each block node from a query-blockstats answer; an
+    entry whose counters are not numbers is left out, the other disks are kept."""
     disks = []
     for entry in result if isinstance(result, list) else []:
         node = entry.get("node-name") if isinstance(entry, dict) else None
         stats = entry.get("stats") if isinstance(entry, dict) else None
         if not node or not isinstance(stats, dict):
             continue  # a backend without a node name is not one of our disks
-        disks.append(
-            DiskCounters(
+        try:
+            disk = DiskCounters(
                 disk=str(node),
                 read_bytes=int(stats.get("rd_bytes", 0)),
                 write_bytes=int(stats.get("wr_bytes", 0)),
                 read_ops=int(stats.get("rd_operations", 0)),
                 write_ops=int(stats.get("wr_operations", 0)),
             )
-        )
+        except (TypeError, ValueError):
+            continue
+        disks.append(disk)
     return disks
 
 
@@ -103,17 +118,12 @@ def _render_host(snapshot: AgentSnapshot) -> Iterator[Metric]:
         return family
 
     yield gauge("nubes_agent_up", "1 while the host's agent runs and answers", 1)
-    yield gauge("nubes_host_capacity_vcpus", "CPUs the host offers guests", host.capacity_vcpus)
-    yield gauge(
-        "nubes_host_capacity_memory_bytes",
-        "Memory the host offers guests",
-        host.capacity_memory_bytes,
-    )
-    yield gauge(
-        "nubes_host_capacity_disk_bytes",
-        "Disk size under the agent's state directory",
-        host.capacity_disk_bytes,
-    )
+    for name, value in (
+        ("nubes_host_capacity_vcpus", host.capacity_vcpus),
+        ("nubes_host_capacity_memory_bytes", host.capacity_memory_bytes),
+        ("nubes_host_capacity_disk_bytes", host.capacity_disk_bytes),
+    ):
+        yield gauge(name, HOST_CAPACITY_HELP[name], value)
     yield gauge("nubes_host_vms_running", "QEMU processes running on the host", len(running))
     yield gauge(
         "nubes_host_used_vcpus",

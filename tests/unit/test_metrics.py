@@ -3,6 +3,7 @@ and the agent's tiny /metrics server."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from nubes.errors import LeaseNotFound
+from nubes.metrics import http as metrics_http
+from nubes.metrics.api import ClusterView, HostView, render_cluster
 from nubes.metrics.http import MetricsServer
 from nubes.metrics.procfs import (
     parse_cpu_seconds,
@@ -110,6 +113,15 @@ def test_blockstats_give_guest_side_counters_per_block_node() -> None:
     assert parse_blockstats({"unexpected": True}) == []
 
 
+def test_a_block_node_with_counters_that_are_not_numbers_is_left_out() -> None:
+    answer = [
+        {"node-name": "vol-bad", "stats": {"rd_bytes": "many"}},
+        {"node-name": "vol-none", "stats": {"wr_bytes": None}},
+        {"node-name": "root", "stats": {"rd_bytes": 1, "wr_bytes": 2}},
+    ]
+    assert parse_blockstats(answer) == [DiskCounters("root", 1, 2, 0, 0)]
+
+
 def snapshot() -> AgentSnapshot:
     host = HostSample(
         host="h1",
@@ -155,6 +167,24 @@ def test_a_snapshot_renders_host_and_per_vm_metrics() -> None:
     nic = (("interface", "tp-abcdefghij"), ("port", "port-abcdefghij"), *vm)
     assert found[("nubes_vm_network_transmit_bytes_total", tuple(sorted(nic)))] == 10
     assert found[("nubes_vm_network_receive_packets_total", tuple(sorted(nic)))] == 2
+
+
+def test_the_api_and_the_agent_describe_the_metrics_both_serve_alike() -> None:
+    cluster = ClusterView(vms_by_state={"running": 1}, hosts=[HostView(name="h1", up=True)])
+    api = {family.name: family for family in render_cluster(cluster)}
+    agent = {family.name: family for family in render_snapshot(snapshot())}
+    both = sorted(api.keys() & agent.keys())
+    assert both == [
+        "nubes_host_capacity_disk_bytes",
+        "nubes_host_capacity_memory_bytes",
+        "nubes_host_capacity_vcpus",
+    ]
+    for name in both:
+        assert (api[name].documentation, api[name].type) == (
+            agent[name].documentation,
+            agent[name].type,
+        ), name
+    assert "disk_gb" in api["nubes_host_capacity_disk_bytes"].documentation
 
 
 def test_reconcile_passes_are_timed_and_failures_counted_by_controller() -> None:
@@ -211,6 +241,59 @@ async def test_the_agent_endpoint_serves_metrics_and_nothing_else() -> None:
             assert (await client.get("/other")).status_code == 404
             assert (await client.post("/metrics")).status_code == 405
     finally:
+        await server.stop()
+
+
+async def test_a_scrape_that_fails_to_render_is_answered_500() -> None:
+    async def render() -> bytes:
+        raise ValueError("odd /proc")
+
+    server = MetricsServer(render, listen="127.0.0.1", port=0)
+    await server.start()
+    try:
+        base = f"http://127.0.0.1:{server.bound_port}"
+        async with httpx.AsyncClient(base_url=base) as client:
+            answer = await client.get("/metrics")
+        assert answer.status_code == 500
+        assert "could not be gathered" in answer.text
+    finally:
+        await server.stop()
+
+
+async def test_stopping_the_server_ends_the_connections_still_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Long enough that only stop() can end the idle connection within the test.
+    monkeypatch.setattr(metrics_http, "REQUEST_TIMEOUT_SECONDS", 600.0)
+    rendering, render_cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck_render() -> bytes:
+        rendering.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            render_cancelled.set()
+            raise
+        return b""
+
+    server = MetricsServer(stuck_render, listen="127.0.0.1", port=0)
+    await server.start()
+    port = server.bound_port
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    scrape_reader, scrape_writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        scrape_writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await scrape_writer.drain()
+        async with asyncio.timeout(60):
+            await rendering.wait()
+            await server.stop()
+            # Both are closed by the server, without an answer (the agent is stopping).
+            assert await idle_reader.read() == b""
+            assert await scrape_reader.read() == b""
+        assert render_cancelled.is_set()
+    finally:
+        for writer in (idle_writer, scrape_writer):
+            writer.close()
         await server.stop()
 
 

@@ -1,6 +1,6 @@
 """An agent's metrics over a real AgentContext and real processes (no QEMU, no root): live
-processes are sampled, zombies are not, and a taken port leaves the agent without metrics
-but running."""
+processes are sampled, zombies are not, a VM whose /proc cannot be read is left out while
+the rest is served, and a taken port leaves the agent without metrics but running."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from nubes.agent.runtime import LaunchRecord, VmRuntime
 from nubes.agent.storage.images import ImageCache
 from nubes.config import AgentConfig
 from nubes.ids import IdKind, new_id
+from nubes.metrics import procfs
 from nubes.metrics.agent import AgentMetrics
 from nubes.metrics.store import MeteredStore
 from nubes.model.host import HostCapacity
@@ -99,6 +100,60 @@ async def test_live_processes_are_sampled_and_zombies_are_not(
     assert found[("nubes_host_capacity_memory_bytes", host)] == 4096 << 20
     assert found[("nubes_host_state_dir_size_bytes", host)] > 0
     assert found[("nubes_store_request_seconds_count", (("operation", "put"),))] == 1
+
+
+@pytest.fixture
+def three_live() -> Iterator[list[int]]:
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        yield [child.pid for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def odd_proc(root: Path, good: int, garbled: int, unreadable: int) -> Path:
+    """A /proc of our making: the good VM's entry is the real one, the garbled VM's stat is
+    not a stat line (ValueError), the other's net/dev is a directory (an OSError other
+    than the process being gone)."""
+    proc = root / "proc"
+    proc.mkdir()
+    (proc / str(good)).symlink_to(f"/proc/{good}")
+    for pid in (garbled, unreadable):
+        (proc / str(pid) / "net").mkdir(parents=True)
+        (proc / str(pid) / "status").write_text("VmRSS:\t 100 kB\n")
+    (proc / str(garbled) / "stat").write_text("not a stat line")
+    (proc / str(garbled) / "net" / "dev").write_text("")
+    (proc / str(unreadable) / "stat").write_text(Path(f"/proc/{unreadable}/stat").read_text())
+    (proc / str(unreadable) / "net" / "dev").mkdir()
+    return proc
+
+
+async def test_a_vm_whose_proc_files_cannot_be_read_is_left_out_and_the_rest_served(
+    tmp_path: Path,
+    three_live: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good, garbled, unreadable = three_live
+    monkeypatch.setattr(procfs, "_PROC", odd_proc(tmp_path, good, garbled, unreadable))
+    vms = {pid: new_id(IdKind.VM) for pid in three_live}
+    ctx = await context(tmp_path)
+    runtimes = {vm_id: runtime_of(pid, vm_id) for pid, vm_id in vms.items()}
+    ctx.runtimes = lambda: runtimes
+    try:
+        with caplog.at_level(logging.WARNING):
+            found = samples(await AgentMetrics(ctx).scrape())
+    finally:
+        await ctx.store.close()
+    assert found[("nubes_vm_cpu_seconds_total", (("project", ""), ("vm", vms[good])))] >= 0
+    for pid in (garbled, unreadable):
+        assert not [key for key in found if ("vm", vms[pid]) in key[1]]
+        assert f"cannot sample VM {vms[pid]}" in caplog.text
+    host = (("host", "h1"),)
+    assert found[("nubes_agent_up", host)] == 1
+    assert found[("nubes_host_vms_running", host)] == 1
 
 
 async def test_a_taken_port_turns_metrics_off_with_a_warning(

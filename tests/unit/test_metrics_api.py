@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nubes.ids import IdKind, new_id
+from nubes.metrics.api import read_cluster
 from nubes.metrics.store import MeteredStore
 from nubes.model.common import now
 from nubes.model.host import HostCapacity, HostRecord
 from nubes.model.vm import Flavor, VmRecord, VmSpec, VmState, VmStatus
 from nubes.scheduler.binding import Allocation, HostAllocations
+from nubes.store.base import RangeResult
 from nubes.store.keys import Kind, host_alive_key, host_allocations_key, resource_key, status_key
 from tests.support.api_lab import ApiLab
 
@@ -117,6 +120,52 @@ async def test_requests_are_counted_by_route_template_and_code(tmp_path: Path) -
     assert found[("nubes_api_requests_total", unknown)] == 1
     latency = (("method", "GET"), ("route", "/v1/health"))
     assert found[("nubes_api_request_seconds_count", latency)] == 1
+
+
+async def test_unknown_methods_share_one_label_whatever_a_client_sends(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        client = lab.client()  # no token: requests are counted before authentication
+        for method in ("BREW", "PROPFIND", "X-AAAA", "X-BBBB"):
+            await client.request(method, "/v1/health")
+        await client.request("OPTIONS", "/v1/health")
+        found = await scrape(lab, client)
+    # The scrape itself is counted once its answer starts, after it was rendered.
+    by_method: dict[str, float] = {}
+    for (name, labels), value in found.items():
+        if name == "nubes_api_request_seconds_count":
+            method = dict(labels)["method"]
+            by_method[method] = by_method.get(method, 0) + value
+    assert by_method == {"other": 4, "OPTIONS": 1}
+    requests = {dict(labels)["method"] for name, labels in found if "requests" in name}
+    assert requests == {"other", "OPTIONS"}
+
+
+async def test_the_cluster_is_read_in_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page_size = 3
+    async with ApiLab.open(tmp_path) as lab:
+        for _ in range(7):  # 14 keys under the VM prefix: a record and a status each
+            await put_vm(lab, VmState.RUNNING, "h1")
+        for name in ("h1", "h2", "h3", "h4"):  # 3 keys each
+            await put_host(lab, name, alive=True, vms={})
+        limits: list[int | None] = []
+        unpaged = lab.store.range
+
+        async def range_noting_its_limit(
+            prefix: str, *, limit: int | None = None, start: str | None = None
+        ) -> RangeResult:
+            limits.append(limit)
+            return await unpaged(prefix, limit=limit, start=start)
+
+        monkeypatch.setattr(lab.store, "range", range_noting_its_limit)
+        lab.client()  # builds the app, as in a running API: nubes.api.vmops imports after it
+        view = await read_cluster(lab.store, page_size=page_size)
+    assert view.vms_by_state["running"] == 7
+    assert [host.name for host in view.hosts] == ["h1", "h2", "h3", "h4"]
+    assert all(host.up for host in view.hosts)
+    assert set(limits) == {page_size}  # not one read without a limit
+    assert len(limits) >= 14 // page_size + 12 // page_size
 
 
 async def test_store_latency_is_served_when_the_store_is_metered(tmp_path: Path) -> None:
