@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -27,6 +28,7 @@ from nubes.client.base import (
 
 app = typer.Typer(name="event", help="The event log.", no_args_is_help=True)
 
+FOLLOW_OVERLAP = timedelta(seconds=5)
 COLUMNS = ("time", "kind", "resource", "type", "actor", "state", "message")
 # Kinds whose resources a name can stand for (resolved in the caller's project).
 NAMED: dict[str, Resource] = {
@@ -74,6 +76,23 @@ def print_events(title: str, events: Sequence[Json], output: OutputFormat) -> No
         print_json(list(events))
         return
     print_table(title, COLUMNS, [event_row(event) for event in events])
+
+
+def follow_start(listed: Sequence[Json], moment: datetime) -> str:
+    """Where `--follow`'s watch starts replaying: a little before the last event listed
+    (a request's event may be written after a later one) or, with none, before `moment`;
+    what was printed already is skipped by id."""
+    at = _parse_time(listed[-1].get("at")) if listed else None
+    start = (at or moment) - FOLLOW_OVERLAP
+    return f"{int(start.timestamp() * 1_000_000)}_-"
+
+
+def _parse_time(text: object) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _resolve(client: Client, resource: str | None, kind: str | None) -> str | None:
@@ -127,7 +146,9 @@ def list_events(
             return
         seen: set[str] = set()
         try:
-            _emit(client.list_events(resource, kind, project=project, last=limit), output, seen)
-            _emit(client.watch_events(resource, kind, project=project), output, seen)
+            listed = list(client.list_events(resource, kind, project=project, last=limit))
+            _emit(listed, output, seen)
+            after = follow_start(listed, datetime.now(UTC))
+            _emit(client.watch_events(resource, kind, project=project, after=after), output, seen)
         except KeyboardInterrupt:
             pass

@@ -506,15 +506,23 @@ class Client(BaseClient):
         kind: str | None = None,
         *,
         project: str | None = None,
+        after: str | None = None,
         timeout: float | None = None,
         read_timeout: float | None = None,
     ) -> Iterator[Json]:
-        """New events as they are written, until the stream ends (`timeout`).
+        """New events as they are written, until the stream ends (`timeout`); with `after`
+        (a cursor), first the events after it, so none written since a listing is missed.
 
         Raises:
             ApiError: the API ended the stream with an error event.
         """
-        params = {"resource": resource, "kind": kind, "project": project, "timeout": timeout}
+        params = {
+            "resource": resource,
+            "kind": kind,
+            "project": project,
+            "after": after,
+            "timeout": timeout,
+        }
         for event in self.events("/events/watch", params, read_timeout=read_timeout):
             if event.type == "error":
                 body = event.data if isinstance(event.data, dict) else {}

@@ -312,11 +312,6 @@ class _Maker:
         )
 
 
-def event_suffix(event: EventRecord) -> str:
-    """The part of an event's id after its resource: the last segment of its key."""
-    return event.id[len(event.resource) + 1 :]
-
-
 def _get(value: JsonValue, *path: str) -> JsonValue:
     for part in path:
         if not isinstance(value, dict):

@@ -29,17 +29,14 @@ from nubes.events.changes import (
     Before,
     Change,
     KeyPath,
-    event_suffix,
     events_of,
     parse_key,
 )
+from nubes.events.storage import EVENTS_PER_TXN, write_once
 from nubes.model.event import EventRecord
 from nubes.store.base import (
-    MAX_TXN_OPERATIONS,
-    Compare,
     Delete,
     EventType,
-    Get,
     JsonValue,
     KeyValue,
     Put,
@@ -49,9 +46,11 @@ from nubes.store.base import (
 )
 from nubes.store.keys import (
     EVENT_CURSOR_KEY,
-    EVENTS_PREFIX,
+    EVENTS_BY_TIME_PREFIX,
+    EVENTS_NEWEST_PREFIX,
     ROOT,
     event_key,
+    event_newest_key,
     kind_prefix,
     resource_key,
     status_key,
@@ -106,6 +105,12 @@ class EventRecorder:
         self._unknown_until = 0  # a key not known before this revision had an unknown value
         self._skip_cursor = False
         self._last_at: OrderedDict[str, datetime] = OrderedDict()
+        # How many events the log holds, while following (None: count when pruning). Kept
+        # from the watch, which sees every writer's events; about right, not exact.
+        self._count: int | None = None
+        self._count_from = 0  # changes up to this revision are in the count
+        self._seen_revision = 0
+        self._pruned_revision = 0  # the last prune's deletes: the count is stale before it
 
     # -- the main loop ----------------------------------------------------------------------
 
@@ -146,6 +151,8 @@ class EventRecorder:
             for kv in listed.kvs:
                 if parse_key(kv.key) is not None:
                     self._learn(kv, cursor)
+        counted = await range_all(self.store, EVENTS_NEWEST_PREFIX)
+        self._count, self._count_from = len(counted.kvs), counted.revision
         if cursor is None:
             self._unknown_until = 0
             return first + 1
@@ -222,6 +229,7 @@ class EventRecorder:
 
     def apply(self, change: WatchEvent) -> list[EventRecord]:
         """Remembers `change` and returns its events."""
+        self._count_event(change)
         path = parse_key(change.key)
         if path is None:
             return []
@@ -244,6 +252,19 @@ class EventRecorder:
             log.exception("events: cannot describe the change of %s; skipped", change.key)
             return []
         return [self._in_order(event) for event in events]
+
+    def _count_event(self, change: WatchEvent) -> None:
+        self._seen_revision = max(self._seen_revision, change.revision)
+        if (
+            self._count is None
+            or change.revision <= self._count_from
+            or not change.key.startswith(EVENTS_BY_TIME_PREFIX)
+        ):
+            return
+        if change.type is EventType.DELETE:
+            self._count -= 1
+        elif change.version == 1:  # events are written once; a rewrite is no new event
+            self._count += 1
 
     def _change(self, path: KeyPath, revision: int, before: Before, after: JsonValue) -> Change:
         record: JsonValue = None
@@ -288,10 +309,9 @@ class EventRecorder:
             StoreError: the store cannot be written.
         """
         new = 0
-        chunk_size = MAX_TXN_OPERATIONS - 1
-        for start in range(0, len(events), chunk_size):
-            chunk = events[start : start + chunk_size]
-            last = start + chunk_size >= len(events)
+        for start in range(0, len(events), EVENTS_PER_TXN):
+            chunk = events[start : start + EVENTS_PER_TXN]
+            last = start + EVENTS_PER_TXN >= len(events)
             extra = [Put(EVENT_CURSOR_KEY, cursor)] if last and cursor is not None else []
             new += await write_once(self.store, chunk, extra)
         self.written += new
@@ -299,65 +319,76 @@ class EventRecorder:
 
     async def prune(self, moment: datetime | None = None) -> int:
         """Removes events older than `retention_days`, then the oldest beyond
-        `retention_count`; returns how many went.
+        `retention_count`, from the old end of the log a page at a time; returns how many
+        went. The count is the one kept from the watch while following (counted here
+        otherwise), so pruning reads only what it removes.
 
         Raises:
             StoreError: the store cannot be reached.
         """
         moment = moment or datetime.now(UTC)
         cutoff = moment - timedelta(days=self.config.retention_days)
-        listed = await range_all(self.store, EVENTS_PREFIX)
-        dated = sorted((_at_of(kv.value), kv.key) for kv in listed.kvs)
-        doomed = [key for at, key in dated if at < cutoff]
-        kept = len(dated) - len(doomed)
-        if kept > self.config.retention_count:
-            doomed += [
-                key for _, key in dated[len(doomed) : len(dated) - self.config.retention_count]
-            ]
-        for start in range(0, len(doomed), MAX_TXN_OPERATIONS):
-            await self.store.txn(
-                [], [Delete(key) for key in doomed[start : start + MAX_TXN_OPERATIONS]]
-            )
-        if doomed:
-            log.info("events: pruned %d old events", len(doomed))
+        # By-time names start with the zero-padded time: older ones sort below this.
+        older_than = f"{int(cutoff.timestamp() * 1_000_000):020d}"
+        # While the last prune's deletes are not in the count yet, it is too high.
+        stale = self._count is not None and self._seen_revision < self._pruned_revision
+        removed = 0
+        while True:
+            page = await self._oldest(EVENTS_PER_TXN)
+            doomed = [kv for kv in page if kv.key[len(EVENTS_BY_TIME_PREFIX) :] < older_than]
+            removed += await self._delete(doomed)
+            if len(doomed) < EVENTS_PER_TXN:
+                break
+        if self._count is None:
+            count = len((await range_all(self.store, EVENTS_NEWEST_PREFIX)).kvs)
+        elif stale:
+            count = 0  # count again next time
+        else:
+            count = self._count - removed
+        excess = count - self.config.retention_count
+        after: str | None = None
+        while excess > 0:
+            # On from the last page, not from the oldest again: two recorders pruning at
+            # once delete the same events, not twice as many.
+            page = await self._oldest(min(EVENTS_PER_TXN, excess), after)
+            if not page:
+                break
+            gone = await self._delete(page)
+            removed, excess, after = removed + gone, excess - len(page), page[-1].key
+        if removed:
+            log.info("events: pruned %d old events", removed)
+        return removed
+
+    async def _oldest(self, count: int, after: str | None = None) -> list[KeyValue]:
+        start = None if after is None else after + "\x00"
+        return (await self.store.range(EVENTS_BY_TIME_PREFIX, limit=count, start=start)).kvs
+
+    async def _delete(self, doomed: Sequence[KeyValue]) -> int:
+        """Deletes these by-time keys with their index keys; returns how many events."""
+        if not doomed:
+            return 0
+        deletes: list[Delete] = []
+        for kv in doomed:
+            deletes += [Delete(key) for key in _index_keys(kv)]
+        result = await self.store.txn([], deletes)
+        self._pruned_revision = result.revision
         return len(doomed)
 
 
-async def write_once(store: Store, events: Sequence[EventRecord], extra: Sequence[Put] = ()) -> int:
-    """Writes each event whose key is absent, with `extra`, in one transaction (two when
-    some are there already); returns how many were written.
-
-    Raises:
-        StoreError: the store cannot be written.
-    """
-    puts = {event_key(e.resource, event_suffix(e)): e.to_json() for e in events}
-    keys = list(puts)
-    result = await store.txn(
-        [Compare.absent(key) for key in keys],
-        [*(Put(key, puts[key]) for key in keys), *extra],
-        [Get(key) for key in keys],
-    )
-    if result.succeeded:
-        return len(keys)
-    present = {kv.key for found in result.responses if isinstance(found, list) for kv in found}
-    missing = [key for key in keys if key not in present]
-    result = await store.txn(
-        [Compare.absent(key) for key in missing],
-        [*(Put(key, puts[key]) for key in missing), *extra],
-    )
-    # Lost again: another recorder wrote these meanwhile, which is as good.
-    return len(missing) if result.succeeded else 0
-
-
-def _at_of(value: JsonValue) -> datetime:
-    text = value.get("at") if isinstance(value, dict) else None
-    try:
-        moment = datetime.fromisoformat(text) if isinstance(text, str) else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        return datetime.min.replace(tzinfo=UTC)  # unreadable: the first to go
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def _index_keys(kv: KeyValue) -> list[str]:
+    """The keys of the event `kv` holds (by time): itself and its two index keys, read
+    from the raw value (no model: pruning reads many). An unreadable event loses its
+    by-resource key only, which readers skip (it names no event)."""
+    keys = [kv.key]
+    name = kv.key[len(EVENTS_BY_TIME_PREFIX) :]
+    micros, _, ident = name.partition("_")
+    value = kv.value if isinstance(kv.value, dict) else {}
+    resource, event_id = value.get("resource"), value.get("id")
+    with contextlib.suppress(ValueError):
+        keys.append(event_newest_key(int(micros), ident))
+        if isinstance(resource, str) and isinstance(event_id, str) and event_id == ident:
+            keys.append(event_key(resource, event_id[len(resource) + 1 :]))
+    return keys
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -1,5 +1,5 @@
 """The event record: one line of a resource's history (who asked for what, what changed,
-which state it reached and why), kept under `/nubes/events/<resource>/`.
+which state it reached and why), kept under `/nubes/events/by-time/` (nubes.events.storage).
 """
 
 from __future__ import annotations

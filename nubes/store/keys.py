@@ -9,7 +9,9 @@
 /nubes/claims/<what>/<value>     -> id: one owner for an address, a VNI, ...
 /nubes/meter/<project>/<resource>/<opening>  closed usage intervals (nubes/metering/)
 /nubes/meter-open/<project>/<resource>       the open one of a resource, if any
-/nubes/events/<resource>/<event>  the event log (nubes/events/), pruned by age and count
+/nubes/events/by-time/<time>_<id>  the event log (nubes/events/), in time order
+/nubes/events/newest/<inverse time>_<id>  -> its by-time name: the newest first
+/nubes/events/by-resource/<resource>/<suffix>  -> its by-time name: one history
 """
 
 from __future__ import annotations
@@ -100,20 +102,51 @@ def migration_key(vm_id: str) -> str:
 
 
 EVENTS_PREFIX = f"{ROOT}events/"
-"""Every event of the log, by resource: a resource's history is one prefix range."""
+"""Every key of the event log: the events by time and their two indexes."""
+
+EVENTS_BY_TIME_PREFIX = f"{EVENTS_PREFIX}by-time/"
+"""The events themselves, in time order: pages and pruning are bounded range reads."""
+
+EVENTS_NEWEST_PREFIX = f"{EVENTS_PREFIX}newest/"
+"""The by-time names again, newest first (the store has no reverse range): the tail."""
+
+EVENTS_BY_RESOURCE_PREFIX = f"{EVENTS_PREFIX}by-resource/"
+"""The by-time names by resource: a resource's history is one prefix range, and its
+deterministic keys make each event written once."""
 
 EVENT_CURSOR_KEY = f"{ROOT}event-recorder/cursor"
 """The last store revision the event recorder wrote events for (where a restart resumes)."""
+
+_EVENT_TIME_DIGITS = 20  # microseconds since 1970, zero-padded: key order is time order
+
+
+def event_time_name(micros: int, event_id: str) -> str:
+    """The name of an event in the log's time order (also an event listing's cursor)."""
+    _check_name(event_id)
+    return f"{micros:0{_EVENT_TIME_DIGITS}d}_{event_id}"
+
+
+def event_time_key(time_name: str) -> str:
+    """The key that holds the event named `time_name`."""
+    _check_name(time_name)
+    return f"{EVENTS_BY_TIME_PREFIX}{time_name}"
+
+
+def event_newest_key(micros: int, event_id: str) -> str:
+    """The key of the event in the newest-first index (later times sort first)."""
+    inverse = 10**_EVENT_TIME_DIGITS - 1 - micros
+    return f"{EVENTS_NEWEST_PREFIX}{event_time_name(inverse, event_id)}"
 
 
 def resource_events_prefix(resource: str) -> str:
     """The prefix of one resource's events."""
     _check_name(resource)
-    return f"{EVENTS_PREFIX}{resource}/"
+    return f"{EVENTS_BY_RESOURCE_PREFIX}{resource}/"
 
 
 def event_key(resource: str, suffix: str) -> str:
-    """The key of one event of `resource`; `suffix` is unique within the resource."""
+    """The key of one event of `resource` in the by-resource index; `suffix` is unique
+    within the resource."""
     _check_name(suffix)
     return f"{resource_events_prefix(resource)}{suffix}"
 

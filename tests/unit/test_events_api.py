@@ -13,11 +13,14 @@ from typing import Any
 
 import httpx
 
+from nubes.api.app import create_app
+from nubes.api.audit import REFUSED_PER_MINUTE
+from nubes.api.auth import mint_token
 from nubes.events.recorder import EventRecorder
 from nubes.ids import IdKind, new_id
 from nubes.model.common import now
 from nubes.model.image import ImageFile, ImageFormat, ImageRecord
-from nubes.store.keys import Kind, name_key, resource_key
+from nubes.store.keys import EVENTS_BY_TIME_PREFIX, EVENTS_PREFIX, Kind, name_key, resource_key
 from tests.support.api_lab import ApiLab
 
 
@@ -180,3 +183,112 @@ async def test_the_watch_streams_new_events_of_the_callers_project(tmp_path: Pat
         assert data, "no event streamed"
         assert {e["action"] for e in data} == {"POST /v1/security-groups"}
         assert {e["project"] for e in data} == {"alpha"}
+
+
+async def test_members_see_no_user_management_nor_other_users_logins(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        ann = await lab.member("alpha", user="ann")
+        bob = await lab.member("alpha", user="bob")
+        admin = await lab.admin("alpha")  # an admin working in alpha, as members do
+        user = {"name": "cid", "password": "Secret-Password-42", "role": "member"}
+        made = await admin.post("/v1/users", json={**user, "projects": ["alpha"]})
+        assert made.status_code == 201, made.text
+        assert (await admin.post("/v1/flavors", json={})).status_code == 422
+        token = await ann.post("/v1/auth/tokens", json={"description": "ci"})
+        assert token.status_code == 201, token.text
+        assert (await ann.post("/v1/auth/totp")).status_code < 500
+        everything = await until(admin, 3)
+        assert {e["kind"] for e in everything} >= {"users", "auth"}
+        assert all(e["project"] is None for e in everything)
+        assert await events(bob) == []
+        assert await events(bob, tail=True) == []
+        assert await events(ann, resource="ann") == []
+
+
+async def test_a_delete_by_name_is_in_the_resources_history(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        member = await lab.member("alpha")
+        await add_image(lab, "alpha")
+        image_id = (await member.get("/v1/images/tiny")).json()["id"]
+        deleted = await member.delete("/v1/images/tiny")  # 204: the answer names nothing
+        assert deleted.status_code == 204, deleted.text
+        (event,) = await until(member, 1, resource=image_id)
+        assert event["action"] == "DELETE /v1/images/{image}"
+        assert image_id in event["message"]
+        assert await events(member, resource="tiny") == []
+
+
+async def test_refused_requests_are_recorded_up_to_a_cap_a_minute(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        member = await lab.member("alpha")
+        for _ in range(REFUSED_PER_MINUTE + 10):
+            refused = await member.delete("/v1/security-groups/nothing-here")
+            assert refused.status_code == 404
+        recorded = await until(member, REFUSED_PER_MINUTE, limit=1000)
+        await asyncio.sleep(0.2)  # none more comes
+        recorded = await events(member, limit=1000)
+        assert len(recorded) == REFUSED_PER_MINUTE
+        assert "last of" in recorded[-1]["message"]
+        assert "last of" not in recorded[0]["message"]
+
+
+async def test_the_answer_goes_before_its_event_is_written(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        token, _ = await mint_token(lab.store, "admin", "default")
+        app = create_app(lab.ctx)
+        body = json.dumps({"name": "web"}).encode()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/security-groups",
+            "raw_path": b"/v1/security-groups",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [
+                (b"host", b"test"),
+                (b"authorization", f"Bearer {token}".encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+        }
+        logged_at_last_byte: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                logged_at_last_byte.append(len((await lab.store.range(EVENTS_PREFIX)).kvs))
+
+        await app(scope, receive, send)
+        assert logged_at_last_byte == [0]
+        assert len((await lab.store.range(EVENTS_BY_TIME_PREFIX)).kvs) == 1
+
+
+async def test_a_watch_after_a_cursor_misses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
+    async with ApiLab.open(tmp_path) as lab:
+        admin = await lab.admin()
+        for index in range(3):
+            made = await admin.post("/v1/security-groups", json={"name": f"g{index}"})
+            assert made.status_code == 201
+        await until(admin, 3)
+        cursor = (await admin.get("/v1/events", params={"limit": 2})).json()["next"]
+        # Written after the listing, before the watch: the watch sends them first.
+        for index in range(3, 5):
+            made = await admin.post("/v1/security-groups", json={"name": f"g{index}"})
+            assert made.status_code == 201
+        await until(admin, 5)
+        answer = await admin.get("/v1/events/watch", params={"timeout": 1.0, "after": cursor})
+        data = [
+            json.loads(line.removeprefix("data: "))
+            for line in answer.text.splitlines()
+            if line.startswith("data: ")
+        ]
+        assert [e["message"] for e in data] == [e["message"] for e in (await events(admin))[2:]]
+        bad = await admin.get("/v1/events/watch", params={"after": "nope", "timeout": 0.1})
+        assert bad.status_code == 422

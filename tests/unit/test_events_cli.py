@@ -4,14 +4,16 @@ a line, and the verbs against a real API over HTTP."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
 
-from nubes.cli.event import event_line, event_row, state_text
+from nubes.cli.event import event_line, event_row, follow_start, state_text
 from nubes.cli.main import app
 from tests.support.api_server import ApiServer, serve_api
 from tests.unit.test_events_api import add_image
@@ -90,9 +92,15 @@ def test_event_list_and_vm_show_read_the_log(api: ApiServer, tmp_path: Path) -> 
             "json",
         )
     )
-    listed = ok(
-        nubes(api, tmp_path, "event", "list", "--resource", "hist", "--kind", "vms", "-o", "json")
-    )
+    for _ in range(100):  # the request's event is written just after the answer
+        listed = ok(
+            nubes(
+                api, tmp_path, "event", "list", "--resource", "hist", "--kind", "vms", "-o", "json"
+            )
+        )
+        if listed:
+            break
+        time.sleep(0.05)
     assert [(e["resource"], e["action"]) for e in listed] == [(vm["id"], "POST /v1/vms")]
     shown = ok(nubes(api, tmp_path, "vm", "show", "hist", "-o", "json"))
     assert [e["id"] for e in shown["history"]] == [e["id"] for e in listed]
@@ -103,3 +111,11 @@ def test_event_list_and_vm_show_read_the_log(api: ApiServer, tmp_path: Path) -> 
     text = nubes(api, tmp_path, "event", "list")
     assert text.exit_code == 0
     assert vm["id"] in text.stdout
+
+
+def test_follow_replays_from_a_little_before_the_last_event_listed() -> None:
+    moment = datetime(2025, 3, 4, 5, 10, tzinfo=UTC)
+    # 2025-03-04T05:06:07.123456Z less 5 seconds, in microseconds since 1970.
+    assert follow_start([STATE_EVENT], moment) == "1741064762123456_-"
+    # Nothing listed: from a little before now (the watch skips nothing written since).
+    assert follow_start([], moment) == f"{int(moment.timestamp() * 1_000_000) - 5_000_000}_-"

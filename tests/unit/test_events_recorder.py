@@ -19,7 +19,7 @@ from nubes.model.event import EventRecord, EventType
 from nubes.store.base import RangeResult
 from nubes.store.keys import (
     EVENT_CURSOR_KEY,
-    EVENTS_PREFIX,
+    EVENTS_BY_TIME_PREFIX,
     Kind,
     event_key,
     resource_key,
@@ -66,7 +66,7 @@ async def recording(recorder: EventRecorder) -> AsyncIterator[EventRecorder]:
 
 
 async def events(store: SqliteStore) -> list[EventRecord]:
-    listed = await store.range(EVENTS_PREFIX)
+    listed = await store.range(EVENTS_BY_TIME_PREFIX)
     return sorted((EventRecord.from_json(kv.value) for kv in listed.kvs), key=lambda e: e.id)
 
 

@@ -19,15 +19,18 @@ from nubes.api.context import ApiContext, Caller, CallerDep, ContextDep
 from nubes.api.params import DEFAULT_PAGE, LimitQuery
 from nubes.api.routes.watch import KEEPALIVE_SECONDS, KEEPALIVE_SETTING
 from nubes.errors import Forbidden, NubesError
-from nubes.events.log import CURSOR_PATTERN, EventFilter, decode, read_events
+from nubes.events.log import CURSOR_PATTERN, EventFilter, parse_cursor, read_events
+from nubes.events.storage import decode
 from nubes.model.common import Model
 from nubes.model.event import EventRecord
 from nubes.store.base import EventType
-from nubes.store.keys import EVENTS_PREFIX
+from nubes.store.keys import EVENTS_BY_TIME_PREFIX
 
 router = APIRouter(tags=["events"])
 
 _QUEUE_SIZE = 1024
+REPLAY_LIMIT = 1000  # events a watch sends from before it started, at most
+_REPLAY_PAGE = 200
 
 ResourceQuery = Annotated[
     str | None,
@@ -50,6 +53,12 @@ KindQuery = Annotated[
 ProjectQuery = Annotated[
     str | None,
     Query(min_length=1, max_length=128, description="admins: only this project's events"),
+]
+
+
+CursorQuery = Annotated[
+    str | None,
+    Query(max_length=340, pattern=CURSOR_PATTERN, description="the previous page's `next`"),
 ]
 
 
@@ -83,10 +92,7 @@ async def list_events(
     kind: KindQuery = None,
     project: ProjectQuery = None,
     limit: LimitQuery = DEFAULT_PAGE,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=340, pattern=CURSOR_PATTERN, description="the previous page's `next`"),
-    ] = None,
+    cursor: CursorQuery = None,
     tail: Annotated[
         bool, Query(description="the newest `limit` events (still oldest first), no next page")
     ] = False,
@@ -100,14 +106,28 @@ async def list_events(
     )
 
 
+async def _replay(ctx: ApiContext, chosen: EventFilter, after: str) -> list[EventRecord]:
+    """The events after cursor `after`, oldest first, REPLAY_LIMIT at most."""
+    found: list[EventRecord] = []
+    cursor: str | None = after
+    while cursor is not None and len(found) < REPLAY_LIMIT:
+        page, cursor = await read_events(ctx.store, chosen, limit=_REPLAY_PAGE, cursor=cursor)
+        found += page
+    return found[:REPLAY_LIMIT]
+
+
 async def _stream(
-    ctx: ApiContext, chosen: EventFilter, from_revision: int, timeout: float | None
+    ctx: ApiContext,
+    chosen: EventFilter,
+    from_revision: int,
+    timeout: float | None,
+    after: str | None,
 ) -> AsyncIterator[str]:
     queue: asyncio.Queue[EventRecord | NubesError] = asyncio.Queue(_QUEUE_SIZE)
 
     async def pump() -> None:
         try:
-            async with ctx.store.watch(EVENTS_PREFIX, from_revision) as changes:
+            async with ctx.store.watch(EVENTS_BY_TIME_PREFIX, from_revision) as changes:
                 async for change in changes:
                     # A put is a new event (they are written once); deletes are pruning.
                     event = decode(change.value) if change.type is EventType.PUT else None
@@ -120,8 +140,14 @@ async def _stream(
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     task = asyncio.create_task(pump(), name="event watch pump")
+    sent: set[str] = set()  # replayed events the watch may bring again
     try:
         yield ": watching events\n\n"
+        if after is not None:
+            # Read after the watch's start was fixed: an event is in one or both, never lost.
+            for event in await _replay(ctx, chosen, after):
+                sent.add(event.id)
+                yield f"event: event\ndata: {event.model_dump_json()}\n\n"
         while True:
             wait = keepalive
             if deadline is not None:
@@ -136,6 +162,8 @@ async def _stream(
             if isinstance(item, NubesError):
                 yield f"event: error\ndata: {json.dumps(item.to_dict())}\n\n"
                 return
+            if item.id in sent:
+                continue
             yield f"event: event\ndata: {item.model_dump_json()}\n\n"
     finally:
         task.cancel()
@@ -145,7 +173,8 @@ async def _stream(
 
 _SSE_DESCRIPTION = (
     "A stream of `text/event-stream` events: `event: event` with `data: <EventView as "
-    "JSON>` for each new event; `: keep-alive` comments when idle; `event: error` with "
+    "JSON>` for each new event (first, with `after`, the events after that cursor); "
+    "`: keep-alive` comments when idle; `event: error` with "
     "`{code, message, hint}` just before the stream ends on a store failure."
 )
 
@@ -169,12 +198,24 @@ async def watch_events(
     timeout: Annotated[
         float | None, Query(gt=0, le=86_400, description="end the stream after this many seconds")
     ] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=340,
+            pattern=CURSOR_PATTERN,
+            description="first send the events after this cursor (a listing's `next`, or "
+            f"`<microseconds since 1970>_-`), {REPLAY_LIMIT} at most: nothing written "
+            "between a listing and the watch is missed",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """New events as server-sent events, as they are written (filtered as the listing)."""
     chosen = _filter(caller, project, resource, kind)
+    if after is not None:
+        parse_cursor(after)  # a bad one is a 422 now, not an error in the stream
     start = await ctx.store.current_revision() + 1
     return StreamingResponse(
-        _stream(ctx, chosen, start, timeout),
+        _stream(ctx, chosen, start, timeout, after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
