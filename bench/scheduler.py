@@ -36,10 +36,11 @@ from nubes.ids import IdKind, new_id
 from nubes.model.common import now
 from nubes.model.host import HostCapacity, HostRecord
 from nubes.model.vm import Flavor, VmRecord, VmSpec
-from nubes.scheduler.daemon import SchedulerDaemon, range_all
+from nubes.scheduler.daemon import SchedulerDaemon
 from nubes.store import Put, Store
 from nubes.store.etcd import EtcdStore
 from nubes.store.keys import Kind, host_alive_key, kind_prefix, resource_key
+from nubes.store.listing import range_all
 from nubes.store.sqlite import SqliteStore
 from tests.support.etcd import EtcdCluster, running_etcd
 

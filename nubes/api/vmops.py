@@ -29,7 +29,6 @@ from nubes.api.netops import (
 from nubes.api.records import CAS_ATTEMPTS, Guards, Records, name_guard
 
 # The claim giving a volume to one VM at a time; the volume routes refuse deletes under it.
-from nubes.api.routes.volumes import attachment_claim
 from nubes.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from nubes.ids import IdKind, new_id
 from nubes.model.common import NAME_PATTERN, Model, now
@@ -48,6 +47,7 @@ from nubes.scheduler.binding import HostAllocations, allocation_of, read_allocat
 from nubes.store.base import Compare, Delete, KeyValue, Put, Store, TxnOperation
 from nubes.store.keys import (
     Kind,
+    attachment_claim,
     host_allocations_key,
     name_key,
     resource_key,

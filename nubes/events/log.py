@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from nubes.errors import InvalidInput
-from nubes.events.recorder import range_all
 from nubes.events.storage import decode, read_by_time, time_name_of
 from nubes.model.event import EventRecord
 from nubes.store.base import Store
@@ -23,6 +22,7 @@ from nubes.store.keys import (
     event_time_name,
     resource_events_prefix,
 )
+from nubes.store.listing import range_all
 
 CURSOR_PATTERN = r"^[0-9]{1,20}_[A-Za-z0-9._:-]{1,300}$"
 _CURSOR = re.compile(CURSOR_PATTERN)

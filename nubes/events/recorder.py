@@ -40,7 +40,6 @@ from nubes.store.base import (
     JsonValue,
     KeyValue,
     Put,
-    RangeResult,
     Store,
     WatchEvent,
 )
@@ -55,13 +54,13 @@ from nubes.store.keys import (
     resource_key,
     status_key,
 )
+from nubes.store.listing import range_all
 
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
 PRUNE_SECONDS = 300.0
 BATCH_CHANGES = 2048  # store changes turned into events per round of writes
-LIST_PAGE = 500
 _QUEUE_SIZE = 8192
 _REMEMBERED_TIMES = 100_000
 
@@ -70,20 +69,6 @@ _REMEMBERED_TIMES = 100_000
 class _Known:
     value: JsonValue | object  # the value, or UNKNOWN
     revision: int  # the revision it is known at
-
-
-async def range_all(store: Store, prefix: str, page_size: int = LIST_PAGE) -> RangeResult:
-    """Every key under `prefix`, in pages; the result carries the first page's revision.
-
-    Raises:
-        StoreError: the store cannot be reached.
-    """
-    first = await store.range(prefix, limit=page_size)
-    kvs, page = list(first.kvs), first.kvs
-    while len(page) == page_size:
-        page = (await store.range(prefix, limit=page_size, start=page[-1].key + "\x00")).kvs
-        kvs += page
-    return RangeResult(kvs, first.revision)
 
 
 class EventRecorder:

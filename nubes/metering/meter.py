@@ -38,14 +38,15 @@ from nubes.store.base import (
     WatchEvent,
 )
 from nubes.store.keys import (
+    METER_CURSOR_KEY,
     METER_PREFIX,
     OPEN_METER_PREFIX,
-    ROOT,
     Kind,
     kind_prefix,
     open_meter_key,
     status_key,
 )
+from nubes.store.listing import LIST_PAGE, range_all
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,10 @@ BILLED_VM_STATES = frozenset({VmState.RUNNING, VmState.MIGRATING})
 RETRY_SECONDS = 1.0
 RESYNC_SECONDS = 600.0  # a full listing behind the watches
 PRUNE_SECONDS = 24 * 3600.0
-LIST_PAGE = 500
 EVENTS_PER_ROUND = 1024
 QUEUE_SIZE = 4 * EVENTS_PER_ROUND  # changes read ahead; a full queue holds the watches back
 CURSOR_SECONDS = 5.0  # how stale the saved cursor may be (a stale one replays a little more)
 REPLAY_IDLE_SECONDS = 2.0  # a replay waiting this long for a change has caught up
-METER_CURSOR_KEY = f"{ROOT}meter-cursor"
 """The revision up to which every VM change has been metered: a restarted meter replays
 the VM history from there, so what happened while no meter ran is billed at its times."""
 _VMS, _VOLUMES = kind_prefix(Kind.VM), kind_prefix(Kind.VOLUME)
@@ -139,7 +138,7 @@ class Meter:
         """
         cursor = await self._read_cursor()
         self._reset()
-        for kv in (await _range_all(self.store, OPEN_METER_PREFIX)).kvs:
+        for kv in (await range_all(self.store, OPEN_METER_PREFIX)).kvs:
             try:
                 interval = UsageInterval.from_json(kv.value)
             except InvalidInput as error:
@@ -147,7 +146,7 @@ class Meter:
                 continue
             self._open[interval.resource] = interval
             self._projects[interval.resource] = interval.project
-        listings = {prefix: await _range_all(self.store, prefix) for prefix in _PREFIXES}
+        listings = {prefix: await range_all(self.store, prefix) for prefix in _PREFIXES}
         if cursor is not None and cursor < listings[_VMS].revision:
             await self._replay_vms(cursor, listings[_VMS])
         seen: set[str] = set()
@@ -535,14 +534,3 @@ def _ended_before(kv: KeyValue, horizon: datetime) -> bool:
     except InvalidInput:
         return False
     return ended_at is not None and ended_at < horizon
-
-
-async def _range_all(store: Store, prefix: str) -> RangeResult:
-    """Every key under `prefix`, read in pages; the result carries the first page's
-    revision, so a watch from it misses no change."""
-    first = await store.range(prefix, limit=LIST_PAGE)
-    kvs, page = list(first.kvs), first.kvs
-    while len(page) == LIST_PAGE:
-        page = (await store.range(prefix, limit=LIST_PAGE, start=page[-1].key + "\x00")).kvs
-        kvs += page
-    return RangeResult(kvs, first.revision)

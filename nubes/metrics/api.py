@@ -28,9 +28,9 @@ from nubes.metrics.samples import HOST_CAPACITY_HELP, MIB
 from nubes.metrics.store import store_metrics_of
 from nubes.model.host import HostLiveness, HostRecord
 from nubes.model.vm import VmRecord, VmState, VmStatus
-from nubes.scheduler.daemon import LIST_PAGE, range_all
 from nubes.store.base import KeyValue, Store
 from nubes.store.keys import Kind, kind_prefix
+from nubes.store.listing import LIST_PAGE, range_all
 
 log = logging.getLogger(__name__)
 

@@ -37,16 +37,15 @@ from nubes.store.base import (
     EventType,
     JsonValue,
     KeyValue,
-    RangeResult,
     Store,
     WatchEvent,
 )
 from nubes.store.keys import Kind, host_allocations_key, kind_prefix
+from nubes.store.listing import range_all
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 64
-LIST_PAGE = 500
 RETRY_SECONDS = 1.0
 _VMS, _HOSTS = kind_prefix(Kind.VM), kind_prefix(Kind.HOST)
 _PORTS, _FIPS = kind_prefix(Kind.PORT), kind_prefix(Kind.FLOATING_IP)
@@ -464,23 +463,6 @@ class SchedulerDaemon:
                 raise
             except Exception:
                 log.exception("scheduler: a cleanup failed; the next resync tries again")
-
-
-async def range_all(store: Store, prefix: str, page_size: int = LIST_PAGE) -> RangeResult:
-    """Every key under `prefix`, read in pages (a single read of tens of thousands of
-    records passes etcd's message size limit). Pages are read at increasing revisions;
-    the result carries the first page's, so a watch from it misses no change.
-
-    Raises:
-        StoreError: the store cannot be reached.
-    """
-    first = await store.range(prefix, limit=page_size)
-    kvs = list(first.kvs)
-    page = first.kvs
-    while len(page) == page_size:
-        page = (await store.range(prefix, limit=page_size, start=page[-1].key + "\x00")).kvs
-        kvs += page
-    return RangeResult(kvs, first.revision)
 
 
 def _field(value: JsonValue, *path: str) -> JsonValue:

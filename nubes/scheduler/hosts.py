@@ -39,6 +39,7 @@ from nubes.store.keys import (
     resource_key,
     status_key,
 )
+from nubes.store.listing import range_all
 
 log = logging.getLogger(__name__)
 _RecordT = TypeVar("_RecordT", HostRecord, HostStatus, VmRecord, VmStatus, VolumeRecord)
@@ -208,8 +209,6 @@ class HostMonitor:
     async def _bound_to(self, host: str) -> list[str]:
         """The VMs the host's allocations list, and those whose spec names it without an
         allocation (bound by hand): a down host is rare, so every VM is read."""
-        from nubes.scheduler.daemon import range_all  # the daemon imports this module
-
         found: set[str] = set()
         kv = await self.store.get(host_allocations_key(host))
         if kv is not None:
@@ -421,8 +420,6 @@ class HostMonitor:
     # -- reading ------------------------------------------------------------------------
 
     async def _read_hosts(self) -> dict[str, HostView]:
-        from nubes.scheduler.daemon import range_all  # the daemon imports this module
-
         views: dict[str, HostView] = {}
         for kv in (await range_all(self.store, _HOSTS)).kvs:
             name, _, rest = kv.key[len(_HOSTS) :].partition("/")

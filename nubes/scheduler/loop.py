@@ -16,7 +16,6 @@ from nubes.errors import InvalidInput
 from nubes.model.host import HostRecord
 from nubes.model.vm import VmRecord
 from nubes.scheduler.binding import bind, read_allocations, report_unschedulable
-from nubes.scheduler.daemon import range_all
 from nubes.scheduler.filters import (
     HostState,
     Overcommit,
@@ -27,6 +26,7 @@ from nubes.scheduler.filters import (
 from nubes.scheduler.weighers import Strategy, best_host
 from nubes.store.base import KeyValue, Store
 from nubes.store.keys import Kind, host_allocations_key, kind_prefix
+from nubes.store.listing import range_all
 
 log = logging.getLogger(__name__)
 

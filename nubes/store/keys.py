@@ -115,6 +115,7 @@ EVENTS_BY_RESOURCE_PREFIX = f"{EVENTS_PREFIX}by-resource/"
 deterministic keys make each event written once."""
 
 EVENT_CURSOR_KEY = f"{ROOT}event-recorder/cursor"
+METER_CURSOR_KEY = f"{ROOT}meter-cursor"  # how far the meter has replayed VM changes
 """The last store revision the event recorder wrote events for (where a restart resumes)."""
 
 _EVENT_TIME_DIGITS = 20  # microseconds since 1970, zero-padded: key order is time order
@@ -170,3 +171,9 @@ def open_meter_key(project: str, resource: str) -> str:
     for part in (project, resource):
         _check_name(part)
     return f"{OPEN_METER_PREFIX}{project}/{resource}"
+
+
+def attachment_claim(volume_id: str) -> str:
+    """The claim a VM attach holds on a volume (volume id -> VM id); a volume delete
+    requires it absent."""
+    return claim_key("volume-attachments", volume_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -179,6 +180,12 @@ def test_the_qemu_that_carries_the_vms_marker_is_killed() -> None:
         ]
     )
     try:
+        # Until the child has exec'd, its /proc cmdline is still pytest's (a flake when busy).
+        marker = process_marker("nbtest", vm_id).encode()
+        deadline = time.monotonic() + 10
+        while marker not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in never exec'd"
+            time.sleep(0.01)
         assert kill_qemu(Fencing(vm_id, process.pid, "test"), "nbtest")
         assert process.wait(5) == -9
     finally:

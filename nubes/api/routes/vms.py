@@ -18,7 +18,6 @@ from nubes.api.netops import merge_guards
 from nubes.api.openapi_links import link, links
 from nubes.api.params import DEFAULT_PAGE, CursorQuery, LimitQuery
 from nubes.api.records import CAS_ATTEMPTS, Guards, Records, name_guard
-from nubes.api.routes.volumes import attachment_claim
 from nubes.api.vmops import (
     VmCreate,
     VmPage,
@@ -40,7 +39,7 @@ from nubes.model.project import FlavorRecord, Usage
 from nubes.model.vm import Flavor, PowerState, RestartPolicy, VmRecord, VmState, VmStatus
 from nubes.model.volume import VolumeRecord, VolumeState, VolumeStatus
 from nubes.store.base import Compare, Delete, Put
-from nubes.store.keys import Kind, name_key, status_key
+from nubes.store.keys import Kind, attachment_claim, name_key, status_key
 
 router = APIRouter(tags=["vms"])
 

@@ -35,13 +35,12 @@ from nubes.model.volume import (
     VolumeStatus,
 )
 from nubes.store.base import Compare, Store
-from nubes.store.keys import Kind, claim_key, kind_prefix, name_key, resource_key
+from nubes.store.keys import Kind, attachment_claim, kind_prefix, name_key, resource_key
 
 router = APIRouter(tags=["volumes"])
 
 GIB = 1 << 30
 MAX_SNAPSHOTS = 32
-ATTACHMENTS = "volume-attachments"  # claim: a volume attached to one VM (vol id -> vm id)
 
 
 class VolumeView(VolumeRecord):
@@ -113,11 +112,6 @@ class SnapshotView(Model):
 
 class SnapshotList(Model):
     items: list[SnapshotView]
-
-
-def attachment_claim(volume_id: str) -> str:
-    """The claim a VM attach may hold on a volume; a volume delete requires it absent."""
-    return claim_key(ATTACHMENTS, volume_id)
 
 
 @router.post(
