@@ -19,7 +19,7 @@ from nubes.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from nubes.model.common import Model
 from nubes.model.project import ProjectRecord, Usage
 from nubes.store.base import Compare, Delete, KeyValue, Put, Store, TxnOperation
-from nubes.store.keys import Kind, kind_prefix, name_key, resource_key, usage_key
+from nubes.store.keys import NOUNS, Kind, kind_prefix, name_key, resource_key, usage_key
 
 R = TypeVar("R", bound=Model)
 S = TypeVar("S", bound=Model)
@@ -27,24 +27,6 @@ S = TypeVar("S", bound=Model)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 CAS_ATTEMPTS = 16
-
-# The singular a user reads in messages, per kind.
-NOUNS: dict[Kind, str] = {
-    Kind.PROJECT: "project",
-    Kind.USER: "user",
-    Kind.TOKEN: "token",
-    Kind.FLAVOR: "flavor",
-    Kind.KEYPAIR: "key pair",
-    Kind.IMAGE: "image",
-    Kind.NETWORK: "network",
-    Kind.SUBNET: "subnet",
-    Kind.PORT: "port",
-    Kind.SECURITY_GROUP: "security group",
-    Kind.FLOATING_IP: "floating IP",
-    Kind.VOLUME: "volume",
-    Kind.VM: "VM",
-    Kind.HOST: "host",
-}
 
 # Kinds whose records are not owned by a project (only admins change them).
 GLOBAL_KINDS = frozenset({Kind.PROJECT, Kind.USER, Kind.FLAVOR, Kind.HOST})

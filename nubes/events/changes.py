@@ -15,7 +15,7 @@ from typing import Final
 
 from nubes.model.event import EventRecord, EventType
 from nubes.store.base import JsonValue
-from nubes.store.keys import ROOT, Kind
+from nubes.store.keys import NOUNS, ROOT, Kind
 
 
 class _Unknown:
@@ -35,21 +35,6 @@ RECORDED_PARTS = ("record", "status")
 SHORT_VALUE = 40
 SECRET_WORDS = ("password", "secret", "token", "hash", "user_data", "key", "totp")
 HOST_DOWN_PREFIX = "host-down"  # nubes.scheduler.hosts.HOST_DOWN, not imported: no cycle
-NOUNS = {
-    Kind.PROJECT: "project",
-    Kind.USER: "user",
-    Kind.FLAVOR: "flavor",
-    Kind.KEYPAIR: "key pair",
-    Kind.IMAGE: "image",
-    Kind.NETWORK: "network",
-    Kind.SUBNET: "subnet",
-    Kind.PORT: "port",
-    Kind.SECURITY_GROUP: "security group",
-    Kind.FLOATING_IP: "floating IP",
-    Kind.VOLUME: "volume",
-    Kind.VM: "VM",
-    Kind.HOST: "host",
-}
 
 
 @dataclass(frozen=True, slots=True)

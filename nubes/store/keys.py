@@ -40,6 +40,25 @@ class Kind(StrEnum):
     HOST = "hosts"
 
 
+# The singular a user reads in messages, per kind.
+NOUNS: dict[Kind, str] = {
+    Kind.PROJECT: "project",
+    Kind.USER: "user",
+    Kind.TOKEN: "token",
+    Kind.FLAVOR: "flavor",
+    Kind.KEYPAIR: "key pair",
+    Kind.IMAGE: "image",
+    Kind.NETWORK: "network",
+    Kind.SUBNET: "subnet",
+    Kind.PORT: "port",
+    Kind.SECURITY_GROUP: "security group",
+    Kind.FLOATING_IP: "floating IP",
+    Kind.VOLUME: "volume",
+    Kind.VM: "VM",
+    Kind.HOST: "host",
+}
+
+
 def kind_prefix(kind: Kind) -> str:
     """The prefix of every key of `kind`, for range and watch."""
     return f"{ROOT}{kind.value}/"
