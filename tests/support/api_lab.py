@@ -20,7 +20,11 @@ from nubes.api.auth import mint_token
 from nubes.api.bootstrap import DEFAULT_PROJECT, ensure_flavors, ensure_project, ensure_user
 from nubes.api.context import ApiContext
 from nubes.config import NubesConfig
+from nubes.ids import IdKind, new_id
+from nubes.model.common import now
+from nubes.model.image import ImageFile, ImageFormat, ImageRecord
 from nubes.model.project import Role
+from nubes.store.keys import Kind, name_key, resource_key
 from nubes.store.sqlite import SqliteStore
 
 ADMIN = "admin"
@@ -76,3 +80,21 @@ class ApiLab:
         )
         token, _ = await mint_token(self.store, name, project)
         return self.client(token)
+
+
+async def add_image(lab: ApiLab, project: str, name: str = "tiny") -> str:
+    """An image record (no file) in `project`, as an upload would leave it; its id."""
+    image_id = new_id(IdKind.IMAGE)
+    record = ImageRecord(
+        id=image_id,
+        project=project,
+        name=name,
+        format=ImageFormat.QCOW2,
+        virtual_size=1 << 20,
+        disk=ImageFile(name="disk", size=1 << 20, sha256="0" * 64),
+        source="test",
+        created_at=now(),
+    )
+    await lab.store.put(resource_key(Kind.IMAGE, image_id), record.to_json())
+    await lab.store.put(name_key(Kind.IMAGE, project, name), image_id)
+    return image_id

@@ -14,7 +14,7 @@ from nubes.api.console import serial_log_path
 from nubes.api.routes.volumes import attachment_claim
 from nubes.ids import IdKind, new_id
 from nubes.model.common import now
-from nubes.model.image import ImageFile, ImageFormat, ImageRecord
+from nubes.model.image import ImageRecord
 from nubes.model.network import (
     KeypairRecord,
     NetworkRecord,
@@ -36,26 +36,9 @@ from nubes.store.keys import (
     status_key,
     usage_key,
 )
-from tests.support.api_lab import ApiLab
+from tests.support.api_lab import ApiLab, add_image
 
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me"
-
-
-async def add_image(lab: ApiLab, project: str, name: str = "tiny") -> str:
-    image_id = new_id(IdKind.IMAGE)
-    record = ImageRecord(
-        id=image_id,
-        project=project,
-        name=name,
-        format=ImageFormat.QCOW2,
-        virtual_size=1 << 20,
-        disk=ImageFile(name="disk", size=1 << 20, sha256="0" * 64),
-        source="test",
-        created_at=now(),
-    )
-    await lab.store.put(resource_key(Kind.IMAGE, image_id), record.to_json())
-    await lab.store.put(name_key(Kind.IMAGE, project, name), image_id)
-    return image_id
 
 
 async def add_network(

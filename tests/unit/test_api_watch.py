@@ -15,29 +15,11 @@ import uvicorn
 
 from nubes.api.app import create_app
 from nubes.api.routes.watch import KEEPALIVE_SETTING
-from nubes.ids import IdKind, new_id
 from nubes.model.common import now
 from nubes.model.host import HostCapacity, HostRecord
-from nubes.model.image import ImageFile, ImageFormat, ImageRecord
 from nubes.model.vm import VmState, VmStatus
-from nubes.store.keys import Kind, name_key, resource_key, status_key
-from tests.support.api_lab import ApiLab
-
-
-async def add_image(lab: ApiLab, project: str) -> None:
-    image_id = new_id(IdKind.IMAGE)
-    record = ImageRecord(
-        id=image_id,
-        project=project,
-        name="tiny",
-        format=ImageFormat.QCOW2,
-        virtual_size=1 << 20,
-        disk=ImageFile(name="disk", size=1 << 20, sha256="0" * 64),
-        source="test",
-        created_at=now(),
-    )
-    await lab.store.put(resource_key(Kind.IMAGE, image_id), record.to_json())
-    await lab.store.put(name_key(Kind.IMAGE, project, "tiny"), image_id)
+from nubes.store.keys import Kind, resource_key, status_key
+from tests.support.api_lab import ApiLab, add_image
 
 
 async def member_with_image(lab: ApiLab, project: str) -> httpx.AsyncClient:

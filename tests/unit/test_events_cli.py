@@ -15,8 +15,8 @@ from typer.testing import CliRunner, Result
 
 from nubes.cli.event import event_line, event_row, follow_start, state_text
 from nubes.cli.main import app
+from tests.support.api_lab import add_image
 from tests.support.api_server import ApiServer, serve_api
-from tests.unit.test_events_api import add_image
 
 STATE_EVENT = {
     "id": "i-abcdefghij:r0000000000000042-vms-status-0",

@@ -16,8 +16,9 @@ from nubes.model.common import now
 from nubes.model.migration import MigrationState, MigrationStatus
 from nubes.model.vm import VmState
 from nubes.store.keys import migration_key
+from tests.support.api_lab import add_image
 from tests.support.api_server import ApiServer, serve_api
-from tests.unit.test_api_vms import add_image, add_key, add_network, bind, report
+from tests.unit.test_api_vms import add_key, add_network, bind, report
 from tests.unit.test_cli_api import failed, nubes, ok
 from tests.unit.test_migration_api import add_host
 
