@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nubes.api.auth import TOKEN_PREFIX
 from nubes.api.context import CALLER_STATE, ApiContext, Caller
+from nubes.api.records import GLOBAL_KINDS
 from nubes.events.storage import write_once
 from nubes.ids import IdKind, is_id
 from nubes.model.event import EventRecord, EventType
@@ -42,7 +43,7 @@ ANSWER_LIMIT = 64 * 1024  # bytes of an answer kept to find the created record's
 WRITE_TIMEOUT = 2.0  # the event is not worth holding the request's task longer
 NO_RESOURCE = "-"  # a request that named no resource and made none (a refused create)
 # Kinds whose events only admins read: other users' accounts, logins, the cloud's make-up.
-GLOBAL_KINDS = frozenset({"users", "projects", "flavors", "hosts", "auth"})
+ADMIN_ONLY_KINDS = frozenset({kind.value for kind in GLOBAL_KINDS} | {"auth"})
 REFUSED_PER_MINUTE = 30  # refused-request events recorded per user a minute
 # Kinds whose path may hold a name for an id (in the caller's project).
 NAMED_KINDS = {kind: IdKind[kind.name] for kind in Kind if kind.name in IdKind.__members__}
@@ -82,7 +83,7 @@ def request_event(
     return EventRecord(
         id=f"{resource}:q{stamp:016d}-{secrets.token_hex(4)}",
         at=started,
-        project=None if kind in GLOBAL_KINDS else caller.project,
+        project=None if kind in ADMIN_ONLY_KINDS else caller.project,
         kind=kind,
         resource=resource,
         type=EventType.REQUEST,
